@@ -1,0 +1,529 @@
+package idempotency
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"net/http"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// ReplayedHeader is set to "true" on every replayed response and never on a
+// first execution.
+const ReplayedHeader = "X-Idempotent-Replayed"
+
+// ErrLeaseLost is the cause of a handler's request context being cancelled
+// because its claim on the key expired and could not be renewed: another
+// request may now own the key. Handlers test it with
+// errors.Is(context.Cause(ctx), ErrLeaseLost) before irreversible work.
+var ErrLeaseLost = errors.New("idempotency: lease on the key was lost")
+
+// New returns middleware that makes covered requests (POST, PUT and PATCH by
+// default) that carry an idempotency key safe to retry: the first request
+// with a key runs and its response is stored; a retry with the same key and
+// the same request gets the stored response, marked with
+// X-Idempotent-Replayed: true. See [Config] for the knobs; the zero Config
+// works. New panics, with a message starting "idempotency: ", when cfg is
+// invalid. The returned middleware is safe for concurrent use.
+func New(cfg Config) func(http.Handler) http.Handler {
+	s := newSettings(cfg)
+	tokens := newTokenSource()
+	return func(next http.Handler) http.Handler {
+		if next == nil {
+			panic("idempotency: nil handler")
+		}
+		return &handler{s: s, tokens: tokens, next: next}
+	}
+}
+
+// KeyFromContext returns the client's idempotency key of the request whose
+// context ctx is, as the handler sees it, and whether there is one.
+func KeyFromContext(ctx context.Context) (string, bool) {
+	key, ok := ctx.Value(keyContextKey{}).(string)
+	return key, ok
+}
+
+type keyContextKey struct{}
+
+// keyContext carries the client key without a separate context.WithValue
+// layer.
+type keyContext struct {
+	context.Context
+	key string
+}
+
+func (c *keyContext) Value(k any) any {
+	if _, ok := k.(keyContextKey); ok {
+		return c.key
+	}
+	return c.Context.Value(k)
+}
+
+type handler struct {
+	s      *settings
+	tokens *tokenSource
+	next   http.Handler
+}
+
+func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	s := h.s
+	if !s.covers(r.Method) {
+		h.next.ServeHTTP(w, r)
+		return
+	}
+
+	// 1. The key.
+	values := r.Header[s.headerKey]
+	if len(values) == 0 {
+		if s.requireKey {
+			s.observe(Event{Outcome: OutcomeKeyMissing, Request: r, Status: http.StatusBadRequest})
+			s.writeProblem(w, r, s.problem(ProblemKeyRequired, http.StatusBadRequest, s.headerName+" header is required"))
+			return
+		}
+		s.observe(Event{Outcome: OutcomeKeyMissing, Request: r})
+		h.next.ServeHTTP(w, r)
+		return
+	}
+	key, err := parseKey(s.headerName, values)
+	if err != nil {
+		detail := err.Error()
+		var ke *keyError
+		if errors.As(err, &ke) {
+			detail = ke.detail
+		}
+		s.observe(Event{Outcome: OutcomeKeyInvalid, Request: r, Status: http.StatusBadRequest, Detail: detail})
+		s.writeProblem(w, r, s.problem(ProblemKeyInvalid, http.StatusBadRequest, detail))
+		return
+	}
+
+	// 2. The storage key, from scope and key.
+	var scope string
+	if s.keyScope != nil {
+		scope = s.keyScope(r)
+	}
+	skey := StorageKey(scope, key)
+
+	// 3. Claim the key, or get the record that is there, in one operation.
+	token := h.tokens.next()
+	claimedAt := time.Now()
+	ctx, cancel := s.storeContext(r.Context())
+	rec, err := s.store.Claim(ctx, skey, token, s.lockTTL)
+	cancel()
+	switch {
+	case err != nil:
+		h.claimFailed(w, r, skey, key, err)
+	case rec == nil:
+		h.run(w, r, skey, key, token, claimedAt)
+	case rec.State == StateCompleted:
+		h.replay(w, r, skey, rec)
+	default:
+		s.conflict(w, r, skey, rec)
+	}
+}
+
+// claimFailed answers a request whose claim could not be made.
+func (h *handler) claimFailed(w http.ResponseWriter, r *http.Request, skey, key string, err error) {
+	s := h.s
+	if errors.Is(err, ErrStoreFull) {
+		s.observe(Event{Outcome: OutcomeStoreFull, Request: r, StorageKey: skey, Status: http.StatusServiceUnavailable, Err: err})
+		p := s.problem(ProblemStoreFull, http.StatusServiceUnavailable, "The idempotency store is full")
+		p.RetryAfter, p.Err = s.retryAfter, err
+		s.writeProblem(w, r, p)
+		return
+	}
+	// An unreadable record means the key was used: fail closed whatever
+	// FailOpen says.
+	if s.failOpen && !errors.Is(err, ErrCorruptRecord) {
+		s.observe(Event{Outcome: OutcomeStoreError, Request: r, StorageKey: skey, Err: err})
+		h.next.ServeHTTP(w, r.WithContext(&keyContext{Context: r.Context(), key: key}))
+		return
+	}
+	s.observe(Event{Outcome: OutcomeStoreError, Request: r, StorageKey: skey, Status: http.StatusServiceUnavailable, Err: err})
+	p := s.problem(ProblemStoreUnavailable, http.StatusServiceUnavailable, "The idempotency store is unavailable")
+	p.RetryAfter, p.Err = s.retryAfter, err
+	s.writeProblem(w, r, p)
+}
+
+// conflict answers a request whose key is in flight.
+func (s *settings) conflict(w http.ResponseWriter, r *http.Request, skey string, rec *Record) {
+	s.observe(Event{Outcome: OutcomeConflict, Request: r, StorageKey: skey, Status: http.StatusConflict})
+	p := s.problem(ProblemInProgress, http.StatusConflict, "A request with this "+s.headerName+" is already in progress")
+	p.RetryAfter = s.retryAfter
+	if left := rec.LeaseRemaining; left > 0 && left < p.RetryAfter {
+		p.RetryAfter = left
+	}
+	s.writeProblem(w, r, p)
+}
+
+// replay answers a request whose key is completed: the stored response, a
+// 422 when the request differs, or the not-stored problem.
+func (h *handler) replay(w http.ResponseWriter, r *http.Request, skey string, rec *Record) {
+	s := h.s
+	if len(rec.Fingerprint) > 0 && !s.fpDisabled {
+		if !s.matches(r, rec.Fingerprint) {
+			s.observe(Event{Outcome: OutcomeMismatch, Request: r, StorageKey: skey, Status: http.StatusUnprocessableEntity})
+			s.writeProblem(w, r, s.problem(ProblemKeyReused, http.StatusUnprocessableEntity,
+				"This "+s.headerName+" was already used for a different request"))
+			return
+		}
+	}
+	resp := &rec.Response
+	if resp.NotStored != "" {
+		s.observe(Event{Outcome: OutcomeNotStoredReplay, Request: r, StorageKey: skey, Status: http.StatusInternalServerError, Detail: resp.NotStored})
+		p := s.problem(ProblemNotStored, http.StatusInternalServerError,
+			"The original response was not stored ("+resp.NotStored+") and cannot be replayed")
+		p.OriginalStatus = resp.StatusCode
+		p.Location = resp.Header.Get("Location")
+		s.writeProblem(w, r, p)
+		return
+	}
+	s.observe(Event{Outcome: OutcomeReplayed, Request: r, StorageKey: skey, Status: resp.StatusCode})
+	writeStored(w, resp)
+}
+
+// matches reports whether r has the fingerprint want. A body that cannot be
+// read does not match: a response is replayed only to a request known to be
+// the same.
+func (s *settings) matches(r *http.Request, want []byte) bool {
+	if s.fingerprint != nil {
+		return bytes.Equal(s.fingerprint(r), want)
+	}
+	got, ok := fingerprintRequest(r, s.fpLimit)
+	return ok && bytes.Equal(got[:], want)
+}
+
+// writeStored writes a stored response. The header values are copied into
+// one new backing array, so the writer never holds the record's slices.
+func writeStored(w http.ResponseWriter, resp *Response) {
+	h := w.Header()
+	n := 2
+	for _, vv := range resp.Header {
+		n += len(vv)
+	}
+	vals := make([]string, 0, n)
+	for k, vv := range resp.Header {
+		i := len(vals)
+		vals = append(vals, vv...)
+		h[k] = vals[i:len(vals):len(vals)]
+	}
+	if bodyAllowed(resp.StatusCode) {
+		if cl := h["Content-Length"]; len(cl) != 1 || !isDecimal(cl[0], len(resp.Body)) {
+			i := len(vals)
+			vals = append(vals, strconv.Itoa(len(resp.Body)))
+			h["Content-Length"] = vals[i : i+1 : i+1]
+		}
+	} else {
+		delete(h, "Content-Length")
+	}
+	i := len(vals)
+	vals = append(vals, "true")
+	h[ReplayedHeader] = vals[i : i+1 : i+1]
+	w.WriteHeader(resp.StatusCode)
+	if len(resp.Body) > 0 && bodyAllowed(resp.StatusCode) {
+		_, _ = w.Write(resp.Body)
+	}
+}
+
+// bodyAllowed reports whether a response with status may carry a body.
+func bodyAllowed(status int) bool {
+	return status >= 200 && status != http.StatusNoContent && status != http.StatusNotModified
+}
+
+// isDecimal reports whether s is the decimal form of n, without allocating.
+func isDecimal(s string, n int) bool {
+	v, err := strconv.Atoi(s)
+	return err == nil && v == n
+}
+
+// run executes the handler for a request that holds the claim, then
+// completes or releases the key.
+func (h *handler) run(w http.ResponseWriter, r *http.Request, skey, key, token string, claimedAt time.Time) {
+	s := h.s
+	f := &flight{s: s, skey: skey, token: token, leaseDeadline: claimedAt.Add(s.lockTTL), detached: r.Context()}
+	ctx, cancel := context.WithCancelCause(r.Context())
+	f.cancel = cancel
+	defer cancel(nil)
+	r2 := r.WithContext(&keyContext{Context: ctx, key: key})
+	f.r = r2
+
+	switch {
+	case s.fpDisabled:
+	case s.fingerprint != nil:
+		f.customFP = s.fingerprint(r2)
+	default:
+		f.bodyFP = true
+		f.fp.init(r2, s.fpLimit)
+		r2.Body = &f.fp
+	}
+	f.rec.init(w, s.maxResponse, f.beforeFinal)
+	f.mu.Lock()
+	f.timer = time.AfterFunc(s.lockTTL/3, f.renew)
+	f.mu.Unlock()
+
+	start := time.Now()
+	normal := false
+	defer func() {
+		if !normal {
+			// A panic or runtime.Goexit: release the claim so a retry can
+			// run, without recovering, so the panic goes on untouched.
+			f.stopRenewal()
+			f.release()
+			s.observe(Event{Outcome: OutcomeReleased, Request: r, StorageKey: skey, Duration: time.Since(start), Detail: "handler panicked"})
+		}
+	}()
+	h.next.ServeHTTP(&f.rec, r2)
+	normal = true
+	f.stopRenewal()
+	f.finish(r, time.Since(start))
+}
+
+// flight is the state of one claimed request while its handler runs.
+type flight struct {
+	s        *settings
+	skey     string
+	token    string
+	r        *http.Request // as the handler sees it
+	detached context.Context
+	cancel   context.CancelCauseFunc
+	rec      recorder
+	fp       bodyFingerprint
+	bodyFP   bool
+	customFP []byte
+
+	mu            sync.Mutex // guards the fields below, and serialises renewals
+	timer         *time.Timer
+	done          bool
+	leaseDeadline time.Time // when the claim runs out unless renewed
+	leaseLost     bool
+}
+
+// beforeFinal runs just before the final response header goes out. On
+// HTTP/1.x, net/http may then discard a request body the handler has not
+// read, so the part of it the fingerprint needs is read ahead first.
+func (f *flight) beforeFinal() {
+	if f.bodyFP && f.r.ProtoMajor == 1 && !f.rec.fullDuplex() {
+		f.fp.readAhead()
+	}
+}
+
+// storeContext returns the context for one store call: bounded by
+// StoreTimeout for a store that can block.
+func (s *settings) storeContext(parent context.Context) (context.Context, context.CancelFunc) {
+	if !s.boundedStore {
+		return parent, func() {}
+	}
+	return context.WithTimeout(parent, s.storeTimeout)
+}
+
+// detachedContext is for completion and release: it outlives the request,
+// so a client that hangs up mid-request still gets its response stored.
+func (f *flight) detachedContext() (context.Context, context.CancelFunc) {
+	if !f.s.boundedStore {
+		return context.Background(), func() {}
+	}
+	return context.WithTimeout(context.WithoutCancel(f.detached), f.s.storeTimeout)
+}
+
+// renew extends the lease every LockTTL/3 while the handler runs. A failed
+// renewal is retried while the lease lasts; once it is lost the handler's
+// context is cancelled with ErrLeaseLost.
+func (f *flight) renew() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.done || f.leaseLost {
+		return
+	}
+	s := f.s
+	before := time.Now()
+	ctx, cancel := f.detachedContext()
+	err := s.store.Extend(ctx, f.skey, f.token, s.lockTTL)
+	cancel()
+	switch {
+	case err == nil:
+		f.leaseDeadline = before.Add(s.lockTTL)
+		f.timer.Reset(s.lockTTL / 3)
+	case errors.Is(err, ErrNotOwner):
+		f.loseLease(err)
+	default:
+		s.observe(Event{Outcome: OutcomeStoreError, Request: f.r, StorageKey: f.skey, Err: err})
+		left := time.Until(f.leaseDeadline)
+		if left <= 0 {
+			f.loseLease(err)
+			return
+		}
+		f.timer.Reset(min(left/2, s.lockTTL/10, time.Second))
+	}
+}
+
+// loseLease records that the claim is gone. Called with f.mu held.
+func (f *flight) loseLease(err error) {
+	f.leaseLost = true
+	f.cancel(ErrLeaseLost)
+	f.s.observe(Event{Outcome: OutcomeLeaseLost, Request: f.r, StorageKey: f.skey, Err: err})
+}
+
+// stopRenewal stops the renewal timer and waits for a renewal under way.
+func (f *flight) stopRenewal() {
+	f.mu.Lock()
+	f.done = true
+	f.timer.Stop()
+	f.mu.Unlock()
+}
+
+// finish completes or releases the key after the handler returned.
+func (f *flight) finish(r *http.Request, took time.Duration) {
+	s := f.s
+	rec := &f.rec
+	status := rec.status()
+	switch {
+	case rec.hijacked():
+		if !rec.wroteHeader() {
+			status = http.StatusSwitchingProtocols
+		}
+		f.completeNotStored(r, status, "hijacked", took)
+	case !s.shouldStore(status):
+		f.release()
+		s.observe(Event{Outcome: OutcomeReleased, Request: r, StorageKey: f.skey, Status: status, Duration: took})
+	case rec.overflowed():
+		f.completeNotStored(r, status, "too large", took)
+	default:
+		stored := &storedRecord{}
+		stored.Record = Record{
+			State: StateCompleted,
+			Token: f.token,
+			Response: Response{
+				StatusCode: status,
+				Header:     f.storableHeader(rec.snapshot(), len(rec.body())),
+				Body:       bytes.Clone(rec.body()),
+			},
+		}
+		f.setFingerprint(stored)
+		if f.complete(r, &stored.Record) {
+			s.observe(Event{Outcome: OutcomeExecuted, Request: r, StorageKey: f.skey, Status: status, Duration: took})
+		}
+	}
+}
+
+// storedRecord lets a record and its default fingerprint share one
+// allocation.
+type storedRecord struct {
+	Record
+	fp [32]byte
+}
+
+func (f *flight) setFingerprint(stored *storedRecord) {
+	switch {
+	case f.customFP != nil:
+		stored.Fingerprint = f.customFP
+	case f.bodyFP:
+		// A body that failed to read leaves no fingerprint: the key alone
+		// identifies the request then.
+		if sum, ok := f.fp.sum(); ok {
+			stored.fp = sum
+			stored.Fingerprint = stored.fp[:]
+		}
+	}
+}
+
+// storableHeader drops the headers that are never replayed from h (a
+// snapshot the recorder handed over) and records the exact Content-Length.
+func (f *flight) storableHeader(h http.Header, bodyLen int) http.Header {
+	for name := range h {
+		if f.s.noReplay[name] {
+			delete(h, name)
+		}
+	}
+	h["Content-Length"] = []string{strconv.Itoa(bodyLen)}
+	return h
+}
+
+// completeNotStored completes the key with a terminal record: the response
+// went to the client but cannot be replayed.
+func (f *flight) completeNotStored(r *http.Request, status int, reason string, took time.Duration) {
+	stored := &storedRecord{}
+	stored.Record = Record{
+		State:    StateCompleted,
+		Token:    f.token,
+		Response: Response{StatusCode: status, NotStored: reason},
+	}
+	if loc := f.rec.snapshot().Values("Location"); len(loc) > 0 {
+		stored.Response.Header = http.Header{"Location": loc}
+	}
+	f.setFingerprint(stored)
+	if f.complete(r, &stored.Record) {
+		f.s.observe(Event{Outcome: OutcomeNotStored, Request: r, StorageKey: f.skey, Status: status, Detail: reason, Duration: took})
+	}
+}
+
+// complete stores rec if this request still owns the key, retrying with
+// backoff while the lease lasts, so that a brief store outage does not turn
+// into a second execution. It reports whether the record was stored.
+func (f *flight) complete(r *http.Request, rec *Record) bool {
+	s := f.s
+	backoff := 10 * time.Millisecond
+	for {
+		ctx, cancel := f.detachedContext()
+		err := s.store.Complete(ctx, f.skey, f.token, rec, s.ttl)
+		cancel()
+		switch {
+		case err == nil:
+			return true
+		case errors.Is(err, ErrNotOwner):
+			if !f.leaseLost {
+				f.leaseLost = true
+				s.observe(Event{Outcome: OutcomeLeaseLost, Request: r, StorageKey: f.skey, Err: err})
+			}
+			return false
+		}
+		s.observe(Event{Outcome: OutcomeStoreError, Request: r, StorageKey: f.skey, Err: err})
+		if time.Until(f.leaseDeadline) <= backoff {
+			return false
+		}
+		time.Sleep(backoff)
+		backoff = min(2*backoff, time.Second)
+	}
+}
+
+// release gives up the claim (only if this request still owns it) so that
+// a retry runs the handler again. A release that fails leaves the claim to
+// expire within LockTTL.
+func (f *flight) release() {
+	ctx, cancel := f.detachedContext()
+	err := f.s.store.Release(ctx, f.skey, f.token)
+	cancel()
+	if err != nil && !errors.Is(err, ErrNotOwner) {
+		f.s.observe(Event{Outcome: OutcomeStoreError, Request: f.r, StorageKey: f.skey, Err: err})
+	}
+}
+
+// tokenSource makes owner tokens: a random per-middleware prefix and a
+// counter, unique without a system call per request.
+type tokenSource struct {
+	prefix [24]byte // hex of 12 random bytes
+	n      atomic.Uint64
+}
+
+func newTokenSource() *tokenSource {
+	var b [12]byte
+	_, _ = rand.Read(b[:]) // never fails (crypto/rand panics instead)
+	t := &tokenSource{}
+	hex.Encode(t.prefix[:], b[:])
+	return t
+}
+
+func (t *tokenSource) next() string {
+	var buf [40]byte
+	copy(buf[:], t.prefix[:])
+	n := t.n.Add(1)
+	const digits = "0123456789abcdef"
+	for i := 39; i >= 24; i-- {
+		buf[i] = digits[n&0xf]
+		n >>= 4
+	}
+	return string(buf[:])
+}
