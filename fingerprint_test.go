@@ -651,7 +651,7 @@ func TestBodyFingerprintOnServer(t *testing.T) {
 	const limit = 64 << 10
 	body := bytes.Repeat([]byte("0123456789"), 50_000) // 500 kB, beyond limit
 	type result struct {
-		first, retry [32]byte
+		first [32]byte
 		ok           bool
 		read         int
 	}

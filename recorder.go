@@ -18,10 +18,10 @@ const recMaxPooledBuf = 64 << 10
 // recMinGrow is the smallest capacity the body buffer grows to.
 const recMinGrow = 512
 
-// recErrHijackNotSupported is returned by Hijack when no writer in the
+// errRecHijackNotSupported is returned by Hijack when no writer in the
 // Unwrap chain can hijack the connection (HTTP/2, or a wrapper that hides
 // it). It matches [http.ErrNotSupported].
-var recErrHijackNotSupported = fmt.Errorf("idempotency: hijack: %w", http.ErrNotSupported)
+var errRecHijackNotSupported = fmt.Errorf("idempotency: hijack: %w", http.ErrNotSupported)
 
 // recorder is the http.ResponseWriter the handler of a first execution
 // writes to. It writes through to the client as the handler writes, so the
@@ -280,7 +280,7 @@ func (rec *recorder) FlushError() error {
 func (rec *recorder) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	h := recFindHijacker(rec.w)
 	if h == nil {
-		return nil, nil, recErrHijackNotSupported
+		return nil, nil, errRecHijackNotSupported
 	}
 	if !rec.wrote {
 		// The read-ahead of the request body must happen while the
