@@ -50,6 +50,15 @@ type Config struct {
 	// closed. Default false.
 	FailOpen bool
 
+	// WaitForInFlight, when positive, makes a request whose key is in
+	// flight wait up to this long (never past its own context) for the
+	// first request to finish, and get its replay instead of a 409. If the
+	// first request's claim is released (a 5xx, a panic), one waiter claims
+	// the key and runs. Stores that implement [Watcher] wake waiters as soon
+	// as the key changes; others are polled with backoff. Default 0: answer
+	// 409 at once.
+	WaitForInFlight time.Duration
+
 	// RetryAfter is the Retry-After hint sent with the 409 for a request
 	// still in flight (never more than the lease left) and with 503s. It is
 	// sent in whole seconds. Default 1s.
@@ -158,6 +167,7 @@ type settings struct {
 	keyScope     func(*http.Request) string
 	failOpen     bool
 	retryAfter   time.Duration
+	wait         time.Duration
 	storeTimeout time.Duration
 	fpLimit      int64
 	fingerprint  func(*http.Request) []byte
@@ -180,6 +190,7 @@ func newSettings(cfg Config) *settings {
 		keyScope:     cfg.KeyScope,
 		failOpen:     cfg.FailOpen,
 		retryAfter:   cfg.RetryAfter,
+		wait:         cfg.WaitForInFlight,
 		storeTimeout: cfg.StoreTimeout,
 		fpLimit:      cfg.FingerprintBodyLimit,
 		fingerprint:  cfg.Fingerprint,
@@ -200,6 +211,9 @@ func newSettings(cfg Config) *settings {
 	s.ttl = durationOrDefault("TTL", s.ttl, DefaultTTL)
 	s.lockTTL = durationOrDefault("LockTTL", s.lockTTL, DefaultLockTTL)
 	s.retryAfter = durationOrDefault("RetryAfter", s.retryAfter, DefaultRetryAfter)
+	if s.wait < 0 {
+		panic("idempotency: WaitForInFlight must not be negative")
+	}
 	s.storeTimeout = durationOrDefault("StoreTimeout", s.storeTimeout, DefaultStoreTimeout)
 	switch {
 	case s.fpLimit < 0:

@@ -114,6 +114,9 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := s.storeContext(r.Context())
 	rec, err := s.store.Claim(ctx, skey, token, s.lockTTL)
 	cancel()
+	if s.wait > 0 && err == nil && rec != nil && rec.State == StateInFlight {
+		rec, claimedAt, err = s.awaitInFlight(r.Context(), skey, token, rec)
+	}
 	switch {
 	case err != nil:
 		h.claimFailed(w, r, skey, key, err)

@@ -112,6 +112,17 @@ type memEntry struct {
 	// expires is the store time, in nanoseconds since the store's epoch,
 	// at which the lease (in flight) or the TTL (completed) runs out.
 	expires int64
+	// changed, made on the first Watch of an in-flight key, is closed when
+	// the claim ends: completed, released, deleted, swept or taken over.
+	changed chan struct{}
+}
+
+// notify wakes the watchers of e, if any. The shard's lock must be held.
+func (e *memEntry) notify() {
+	if e.changed != nil {
+		close(e.changed)
+		e.changed = nil
+	}
 }
 
 // live reports whether e has not expired at store time now.
@@ -187,7 +198,10 @@ func NewMemoryStore(opts ...MemoryOption) *MemoryStore {
 	return s
 }
 
-var _ Store = (*MemoryStore)(nil)
+var (
+	_ Store   = (*MemoryStore)(nil)
+	_ Watcher = (*MemoryStore)(nil)
+)
 
 // Claim takes key for token, holding it for lease, or returns the live
 // record under key, as [Store] describes. A completed record is returned as
@@ -212,7 +226,10 @@ func (s *MemoryStore) Claim(_ context.Context, key, token string, lease time.Dur
 				return &Record{State: StateInFlight, Token: owner, LeaseRemaining: left}, nil
 			}
 			// Expired, or a claim re-sent by the owner: take it from now.
-			*e = memEntry{key: e.key, token: token, expires: memAdd(now, lease)}
+			if e.token != token {
+				e.notify()
+			}
+			*e = memEntry{key: e.key, token: token, expires: memAdd(now, lease), changed: e.changed}
 		} else if s.reserve() {
 			sh.add(memEntry{key: key, token: token, expires: memAdd(now, lease)})
 		} else {
@@ -270,6 +287,7 @@ func (s *MemoryStore) Complete(_ context.Context, key, token string, rec *Record
 	}
 	e.rec = rec
 	e.expires = memAdd(now, ttl)
+	e.notify()
 	s.sweepStep(sh, now)
 	return nil
 }
@@ -324,6 +342,28 @@ func (s *MemoryStore) Delete(_ context.Context, key string) error {
 		s.removeAt(sh, i)
 	}
 	return nil
+}
+
+// Watch returns a channel that is closed when the claim on the in-flight
+// key ends: it is completed, released, deleted, or taken over after its
+// lease ran out. It returns nil when key is not in flight, so the caller
+// should look again at once. A lease that simply runs out closes nothing:
+// a watcher bounds its wait by the lease. Watch implements [Watcher], so a
+// request waiting for the key (Config.WaitForInFlight) wakes as soon as the
+// key's owner finishes.
+func (s *MemoryStore) Watch(key string) <-chan struct{} {
+	sh := s.shard(key)
+	now := s.clock()
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	e := sh.find(key, now)
+	if e == nil || e.rec != nil {
+		return nil
+	}
+	if e.changed == nil {
+		e.changed = make(chan struct{})
+	}
+	return e.changed
 }
 
 // Len returns the number of records the store holds: live ones, and
@@ -427,6 +467,7 @@ func (sh *memShard) add(e memEntry) {
 // than at its peak. Positions below len(sh.entries) stay valid. sh.mu must
 // be held.
 func (sh *memShard) removeAt(i int) {
+	sh.entries[i].notify()
 	key := sh.entries[i].key
 	last := len(sh.entries) - 1
 	if i != last {

@@ -157,3 +157,15 @@ type Store interface {
 	Get(ctx context.Context, key string) (*Record, error)
 	Delete(ctx context.Context, key string) error
 }
+
+// Watcher is an optional interface a [Store] implements to wake requests
+// that wait for an in-flight key (Config.WaitForInFlight) as soon as its
+// owner finishes, instead of polling. [MemoryStore] implements it; other
+// stores are polled with backoff.
+type Watcher interface {
+	// Watch returns a channel that is closed when the claim on the
+	// in-flight key ends (completed, released, deleted, or taken over), or
+	// nil when key is not in flight. It may also never be closed, when the
+	// owner's lease simply runs out: callers bound their wait.
+	Watch(key string) <-chan struct{}
+}
