@@ -652,8 +652,8 @@ func TestBodyFingerprintOnServer(t *testing.T) {
 	body := bytes.Repeat([]byte("0123456789"), 50_000) // 500 kB, beyond limit
 	type result struct {
 		first [32]byte
-		ok           bool
-		read         int
+		ok    bool
+		read  int
 	}
 	results := make(chan result, 1)
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
