@@ -819,6 +819,10 @@ func TestProblemHijackedIsNotStored(t *testing.T) {
 	b, _ := io.ReadAll(resp.Body)
 	conn.Close()
 	assert.Equal(t, "hi", string(b))
+	// The client has its bytes before the handler returns: wait for the
+	// completion.
+	require.Eventually(t, func() bool { return s.events.count(idempotency.OutcomeNotStored) == 1 },
+		5*time.Second, time.Millisecond)
 
 	r := lcDo(t, s.URL, http.MethodPost, "h", `{}`)
 	assert.Equal(t, http.StatusInternalServerError, r.status)
