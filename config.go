@@ -99,9 +99,9 @@ type Config struct {
 
 	// NoReplayHeaders lists response headers that are never stored or
 	// replayed, in addition to the hop-by-hop headers and Content-Length
-	// (always dropped; Content-Length is recomputed on replay). Default
-	// (nil) [DefaultNoReplayHeaders]. Pass a non-nil empty list to store
-	// everything else.
+	// (always dropped; Content-Length is recomputed on replay). Pass a
+	// non-nil empty list to store everything else. Default (nil)
+	// [DefaultNoReplayHeaders].
 	NoReplayHeaders []string
 
 	// ProblemTypeBase is the prefix of the "type" member of the problem

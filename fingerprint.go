@@ -288,7 +288,17 @@ func (f *bodyFingerprint) consume(p []byte) {
 // returned by Read once the buffer drains, as the original body would have
 // returned it.
 func (f *bodyFingerprint) readAhead() {
-	if f.body == nil || f.eof || f.err != nil || f.closed || f.hs == nil || f.seen >= f.limit {
+	if f.body == nil || f.eof || f.err != nil || f.hs == nil || f.seen >= f.limit {
+		return
+	}
+	if f.closed {
+		// The handler is done with the body and will read no more of it:
+		// hash the rest of the prefix now, before net/http discards it.
+		var err error
+		f.seen, f.eof, err = fpHashBody(f.hs, f.body, f.seen, f.limit)
+		if err != nil {
+			f.err = err
+		}
 		return
 	}
 	if f.off > 0 { // keep the unread bytes at the front
