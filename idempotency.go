@@ -4,7 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
-	"encoding/hex"
+	"encoding/base64"
 	"errors"
 	"net/http"
 	"strconv"
@@ -33,11 +33,12 @@ var ErrLeaseLost = errors.New("idempotency: lease on the key was lost")
 func New(cfg Config) func(http.Handler) http.Handler {
 	s := newSettings(cfg)
 	tokens := newTokenSource()
+	flights := &sync.Pool{New: func() any { return newFlight(s) }}
 	return func(next http.Handler) http.Handler {
 		if next == nil {
 			panic("idempotency: nil handler")
 		}
-		return &handler{s: s, tokens: tokens, next: next}
+		return &handler{s: s, tokens: tokens, flights: flights, next: next}
 	}
 }
 
@@ -51,7 +52,7 @@ func KeyFromContext(ctx context.Context) (string, bool) {
 type keyContextKey struct{}
 
 // keyContext carries the client key without a separate context.WithValue
-// layer.
+// layer, for a request that runs unprotected (FailOpen).
 type keyContext struct {
 	context.Context
 	key string
@@ -64,10 +65,90 @@ func (c *keyContext) Value(k any) any {
 	return c.Context.Value(k)
 }
 
+// leaseContext is the context of a handler that holds a claim: the
+// request's context, carrying the client key, that is also cancelled, with
+// cause ErrLeaseLost, when the claim is lost, and cancelled when the handler
+// returns, like the context of a WithCancelCause child.
+//
+// The cancellable child is made only when something needs it: the first
+// Done or Err (a select, a database call, a derived context), or the loss of
+// the lease. Until then Value and Deadline read the request's context
+// directly, so a handler that never waits on its context costs no
+// allocation for it. Once made, every method reads the child, so
+// context.Cause, context.AfterFunc and derived contexts see an ordinary
+// cancelCtx and need no goroutine.
+type leaseContext struct {
+	context.Context // the request's context
+	key             string
+
+	made atomic.Bool // child and cancelChild are set
+	mu   sync.Mutex  // guards making the child, and ended
+	// child is a context.WithCancelCause child of the request's context.
+	child       context.Context
+	cancelChild context.CancelCauseFunc
+	ended       bool // the handler returned
+}
+
+// cancellable returns the child, making it on first use.
+func (c *leaseContext) cancellable() context.Context {
+	if c.made.Load() {
+		return c.child
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.made.Load() {
+		c.child, c.cancelChild = context.WithCancelCause(c.Context)
+		if c.ended {
+			c.cancelChild(nil)
+		}
+		c.made.Store(true)
+	}
+	return c.child
+}
+
+// Done returns the child's Done channel.
+func (c *leaseContext) Done() <-chan struct{} { return c.cancellable().Done() }
+
+// Err returns the child's Err.
+func (c *leaseContext) Err() error { return c.cancellable().Err() }
+
+// Value returns the client key for KeyFromContext and delegates every other
+// key: to the child once it exists (so context.Cause finds its cause), to
+// the request's context before.
+func (c *leaseContext) Value(k any) any {
+	if _, ok := k.(keyContextKey); ok {
+		return c.key
+	}
+	if c.made.Load() {
+		return c.child.Value(k)
+	}
+	return c.Context.Value(k)
+}
+
+// cancel cancels the context with cause.
+func (c *leaseContext) cancel(cause error) {
+	c.cancellable()
+	c.cancelChild(cause)
+}
+
+// end cancels the context once the handler has returned, as net/http
+// cancels a request's context when ServeHTTP returns. A child made later is
+// born cancelled.
+func (c *leaseContext) end() {
+	c.mu.Lock()
+	c.ended = true
+	cancel := c.cancelChild
+	c.mu.Unlock()
+	if cancel != nil {
+		cancel(nil)
+	}
+}
+
 type handler struct {
-	s      *settings
-	tokens *tokenSource
-	next   http.Handler
+	s       *settings
+	tokens  *tokenSource
+	flights *sync.Pool // of idle *flight for s
+	next    http.Handler
 }
 
 func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -245,14 +326,18 @@ func isDecimal(s string, n int) bool {
 
 // run executes the handler for a request that holds the claim, then
 // completes or releases the key.
+//
+// Its per-request state comes from a pool: a flight holds the recorder, the
+// body fingerprint and a renewal timer made once per flight, so a handler
+// that returns within LockTTL/3 costs no goroutine and no timer allocation.
+// The handler's context is the one allocation that cannot be pooled, since
+// the handler may keep it; see leaseContext.
 func (h *handler) run(w http.ResponseWriter, r *http.Request, skey, key, token string, claimedAt time.Time) {
 	s := h.s
-	f := &flight{s: s, skey: skey, token: token, leaseDeadline: claimedAt.Add(s.lockTTL), detached: r.Context()}
-	ctx, cancel := context.WithCancelCause(r.Context())
-	f.cancel = cancel
-	defer cancel(nil)
-	r2 := r.WithContext(&keyContext{Context: ctx, key: key})
-	f.r = r2
+	ctx := &leaseContext{Context: r.Context(), key: key}
+	r2 := r.WithContext(ctx)
+	f := h.flights.Get().(*flight)
+	f.skey, f.token, f.r, f.ctx, f.detached = skey, token, r2, ctx, r.Context()
 
 	switch {
 	case s.fpDisabled:
@@ -261,11 +346,12 @@ func (h *handler) run(w http.ResponseWriter, r *http.Request, skey, key, token s
 	default:
 		f.bodyFP = true
 		f.fp.init(r2, s.fpLimit)
-		r2.Body = &f.fp
 	}
-	f.rec.init(w, s.maxResponse, f.beforeFinal)
+	f.rec.init(w, s.maxResponse, f.beforeFinalFunc)
 	f.mu.Lock()
-	f.timer = time.AfterFunc(s.lockTTL/3, f.renew)
+	f.done = false
+	f.leaseDeadline = claimedAt.Add(s.lockTTL)
+	f.timer.Reset(s.lockTTL / 3)
 	f.mu.Unlock()
 
 	start := time.Now()
@@ -274,35 +360,66 @@ func (h *handler) run(w http.ResponseWriter, r *http.Request, skey, key, token s
 		if !normal {
 			// A panic or runtime.Goexit: release the claim so a retry can
 			// run, without recovering, so the panic goes on untouched.
+			// The flight is not reused.
 			f.stopRenewal()
 			f.release()
+			ctx.end()
 			s.observe(Event{Outcome: OutcomeReleased, Request: r, StorageKey: skey, Duration: time.Since(start), Detail: "handler panicked"})
 		}
 	}()
 	h.next.ServeHTTP(&f.rec, r2)
 	normal = true
-	f.stopRenewal()
+	reusable := f.stopRenewal()
 	f.finish(r, time.Since(start))
+	ctx.end()
+	if reusable {
+		f.reset()
+		h.flights.Put(f)
+	}
 }
 
-// flight is the state of one claimed request while its handler runs.
+// flight is the state of one claimed request while its handler runs. It is
+// pooled: newFlight makes the parts that live as long as the flight (the
+// renewal timer, the beforeFinal callback), reset clears the rest.
 type flight struct {
 	s        *settings
 	skey     string
 	token    string
 	r        *http.Request // as the handler sees it
+	ctx      *leaseContext // r's context
 	detached context.Context
-	cancel   context.CancelCauseFunc
 	rec      recorder
 	fp       bodyFingerprint
 	bodyFP   bool
 	customFP []byte
 
-	mu            sync.Mutex // guards the fields below, and serialises renewals
-	timer         *time.Timer
+	beforeFinalFunc func() // f.beforeFinal, bound once
+
+	mu            sync.Mutex  // guards the fields below, and serialises renewals
+	timer         *time.Timer // runs renew; stopped while the flight is idle
 	done          bool
 	leaseDeadline time.Time // when the claim runs out unless renewed
 	leaseLost     bool
+}
+
+// newFlight returns an idle flight for s, with its timer stopped.
+func newFlight(s *settings) *flight {
+	f := &flight{s: s}
+	f.beforeFinalFunc = f.beforeFinal
+	f.timer = time.AfterFunc(time.Hour, f.renew)
+	f.timer.Stop()
+	return f
+}
+
+// reset drops every reference f holds to its request, for the pool. Its
+// timer is stopped and no renewal is running or pending (stopRenewal
+// reported it).
+func (f *flight) reset() {
+	f.skey, f.token, f.r, f.ctx, f.detached = "", "", nil, nil, nil
+	f.rec.reset()
+	f.fp.reset()
+	f.bodyFP, f.customFP = false, nil
+	f.leaseDeadline, f.leaseLost = time.Time{}, false
 }
 
 // beforeFinal runs just before the final response header goes out. On
@@ -366,16 +483,20 @@ func (f *flight) renew() {
 // loseLease records that the claim is gone. Called with f.mu held.
 func (f *flight) loseLease(err error) {
 	f.leaseLost = true
-	f.cancel(ErrLeaseLost)
+	f.ctx.cancel(ErrLeaseLost)
 	f.s.observe(Event{Outcome: OutcomeLeaseLost, Request: f.r, StorageKey: f.skey, Err: err})
 }
 
 // stopRenewal stops the renewal timer and waits for a renewal under way.
-func (f *flight) stopRenewal() {
+// It reports whether the timer was still pending: when it had fired, a
+// renewal may yet be waiting for f.mu (it will find done and return), so the
+// flight must not be reused for another request.
+func (f *flight) stopRenewal() bool {
 	f.mu.Lock()
 	f.done = true
-	f.timer.Stop()
+	stopped := f.timer.Stop()
 	f.mu.Unlock()
+	return stopped
 }
 
 // finish completes or releases the key after the handler returned.
@@ -505,28 +626,36 @@ func (f *flight) release() {
 }
 
 // tokenSource makes owner tokens: a random per-middleware prefix and a
-// counter, unique without a system call per request.
+// counter, unique without a system call per request. A token is 27
+// characters of the URL-safe base64 alphabet (16 for 96 random bits, 11 for
+// the counter), short enough for the 32-byte size class of the allocator,
+// since a store keeps one per record.
 type tokenSource struct {
-	prefix [24]byte // hex of 12 random bytes
+	prefix [tokenPrefixLen]byte
 	n      atomic.Uint64
 }
+
+const (
+	tokenPrefixLen = 16 // base64 of 12 random bytes
+	tokenLen       = tokenPrefixLen + 11
+)
 
 func newTokenSource() *tokenSource {
 	var b [12]byte
 	_, _ = rand.Read(b[:]) // never fails (crypto/rand panics instead)
 	t := &tokenSource{}
-	hex.Encode(t.prefix[:], b[:])
+	base64.RawURLEncoding.Encode(t.prefix[:], b[:])
 	return t
 }
 
 func (t *tokenSource) next() string {
-	var buf [40]byte
+	const digits = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+	var buf [tokenLen]byte
 	copy(buf[:], t.prefix[:])
 	n := t.n.Add(1)
-	const digits = "0123456789abcdef"
-	for i := 39; i >= 24; i-- {
-		buf[i] = digits[n&0xf]
-		n >>= 4
+	for i := tokenLen - 1; i >= tokenPrefixLen; i-- {
+		buf[i] = digits[n&63]
+		n >>= 6
 	}
 	return string(buf[:])
 }
