@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"encoding/base64"
 	"errors"
+	"io"
 	"net/http"
 	"strconv"
 	"sync"
@@ -63,85 +64,6 @@ func (c *keyContext) Value(k any) any {
 		return c.key
 	}
 	return c.Context.Value(k)
-}
-
-// leaseContext is the context of a handler that holds a claim: the
-// request's context, carrying the client key, that is also cancelled, with
-// cause ErrLeaseLost, when the claim is lost, and cancelled when the handler
-// returns, like the context of a WithCancelCause child.
-//
-// The cancellable child is made only when something needs it: the first
-// Done or Err (a select, a database call, a derived context), or the loss of
-// the lease. Until then Value and Deadline read the request's context
-// directly, so a handler that never waits on its context costs no
-// allocation for it. Once made, every method reads the child, so
-// context.Cause, context.AfterFunc and derived contexts see an ordinary
-// cancelCtx and need no goroutine.
-type leaseContext struct {
-	context.Context // the request's context
-	key             string
-
-	made atomic.Bool // child and cancelChild are set
-	mu   sync.Mutex  // guards making the child, and ended
-	// child is a context.WithCancelCause child of the request's context.
-	child       context.Context
-	cancelChild context.CancelCauseFunc
-	ended       bool // the handler returned
-}
-
-// cancellable returns the child, making it on first use.
-func (c *leaseContext) cancellable() context.Context {
-	if c.made.Load() {
-		return c.child
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if !c.made.Load() {
-		c.child, c.cancelChild = context.WithCancelCause(c.Context)
-		if c.ended {
-			c.cancelChild(nil)
-		}
-		c.made.Store(true)
-	}
-	return c.child
-}
-
-// Done returns the child's Done channel.
-func (c *leaseContext) Done() <-chan struct{} { return c.cancellable().Done() }
-
-// Err returns the child's Err.
-func (c *leaseContext) Err() error { return c.cancellable().Err() }
-
-// Value returns the client key for KeyFromContext and delegates every other
-// key: to the child once it exists (so context.Cause finds its cause), to
-// the request's context before.
-func (c *leaseContext) Value(k any) any {
-	if _, ok := k.(keyContextKey); ok {
-		return c.key
-	}
-	if c.made.Load() {
-		return c.child.Value(k)
-	}
-	return c.Context.Value(k)
-}
-
-// cancel cancels the context with cause.
-func (c *leaseContext) cancel(cause error) {
-	c.cancellable()
-	c.cancelChild(cause)
-}
-
-// end cancels the context once the handler has returned, as net/http
-// cancels a request's context when ServeHTTP returns. A child made later is
-// born cancelled.
-func (c *leaseContext) end() {
-	c.mu.Lock()
-	c.ended = true
-	cancel := c.cancelChild
-	c.mu.Unlock()
-	if cancel != nil {
-		cancel(nil)
-	}
 }
 
 type handler struct {
@@ -339,15 +261,6 @@ func (h *handler) run(w http.ResponseWriter, r *http.Request, skey, key, token s
 	f := h.flights.Get().(*flight)
 	f.skey, f.token, f.r, f.ctx, f.detached = skey, token, r2, ctx, r.Context()
 
-	switch {
-	case s.fpDisabled:
-	case s.fingerprint != nil:
-		f.customFP = s.fingerprint(r2)
-	default:
-		f.bodyFP = true
-		f.fp.init(r2, s.fpLimit)
-	}
-	f.rec.init(w, s.maxResponse, f.beforeFinalFunc)
 	f.mu.Lock()
 	f.done = false
 	f.leaseDeadline = claimedAt.Add(s.lockTTL)
@@ -358,16 +271,37 @@ func (h *handler) run(w http.ResponseWriter, r *http.Request, skey, key, token s
 	normal := false
 	defer func() {
 		if !normal {
-			// A panic or runtime.Goexit: release the claim so a retry can
-			// run, without recovering, so the panic goes on untouched.
-			// The flight is not reused.
+			// A panic or runtime.Goexit, in the handler or a custom
+			// fingerprint: release the claim so a retry can run, without
+			// recovering, so the panic goes on untouched. The flight is
+			// not reused.
+			ctx.view.cut()
 			f.stopRenewal()
 			f.release()
 			ctx.end()
 			s.observe(Event{Outcome: OutcomeReleased, Request: r, StorageKey: skey, Duration: time.Since(start), Detail: "handler panicked"})
 		}
 	}()
-	h.next.ServeHTTP(&f.rec, r2)
+	switch {
+	case s.fpDisabled:
+	case s.fingerprint != nil:
+		f.customFP = s.fingerprint(r2)
+	default:
+		f.bodyFP = true
+		f.fp.init(r2, s.fpLimit)
+		if r2.Body == io.ReadCloser(&f.fp) {
+			r2.Body = &ctx.view.b
+		}
+	}
+	f.rec.init(w, s.maxResponse, f.beforeFinalFunc)
+	ctx.view.init(&f.rec, &f.fp)
+	h.next.ServeHTTP(&ctx.view.w, r2)
+	ctx.view.cut()
+	if f.bodyFP {
+		// Hash what is left of the body's first bytes while the lease is
+		// still renewed: a slow client must not cost the claim.
+		f.fp.sum()
+	}
 	normal = true
 	reusable := f.stopRenewal()
 	f.finish(r, time.Since(start))
@@ -440,18 +374,22 @@ func (s *settings) storeContext(parent context.Context) (context.Context, contex
 	return context.WithTimeout(parent, s.storeTimeout)
 }
 
-// detachedContext is for completion and release: it outlives the request,
-// so a client that hangs up mid-request still gets its response stored.
-func (f *flight) detachedContext() (context.Context, context.CancelFunc) {
-	if !f.s.boundedStore {
+// detachedContext is for completion, renewal and release: it outlives the
+// request, so a client that hangs up mid-request still gets its response
+// stored, and it is bounded by timeout for a store that can block.
+func (s *settings) detachedContext(parent context.Context, timeout time.Duration) (context.Context, context.CancelFunc) {
+	if !s.boundedStore {
 		return context.Background(), func() {}
 	}
-	return context.WithTimeout(context.WithoutCancel(f.detached), f.s.storeTimeout)
+	return context.WithTimeout(context.WithoutCancel(parent), timeout)
 }
 
 // renew extends the lease every LockTTL/3 while the handler runs. A failed
 // renewal is retried while the lease lasts; once it is lost the handler's
-// context is cancelled with ErrLeaseLost.
+// context is cancelled with ErrLeaseLost. A renewal waits for the store no
+// longer than the lease has left, less a margin of LockTTL/10: a store that
+// hangs costs the lease, and the handler is cancelled before another
+// request can take the key over.
 func (f *flight) renew() {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -460,7 +398,9 @@ func (f *flight) renew() {
 	}
 	s := f.s
 	before := time.Now()
-	ctx, cancel := f.detachedContext()
+	margin := s.lockTTL / 10
+	wait := max(f.leaseDeadline.Sub(before)-margin, margin)
+	ctx, cancel := s.detachedContext(f.detached, min(s.storeTimeout, wait))
 	err := s.store.Extend(ctx, f.skey, f.token, s.lockTTL)
 	cancel()
 	switch {
@@ -471,7 +411,7 @@ func (f *flight) renew() {
 		f.loseLease(err)
 	default:
 		s.observe(Event{Outcome: OutcomeStoreError, Request: f.r, StorageKey: f.skey, Err: err})
-		left := time.Until(f.leaseDeadline)
+		left := time.Until(f.leaseDeadline) - s.lockTTL/10
 		if left <= 0 {
 			f.loseLease(err)
 			return
@@ -522,12 +462,12 @@ func (f *flight) finish(r *http.Request, took time.Duration) {
 			Token: f.token,
 			Response: Response{
 				StatusCode: status,
-				Header:     f.storableHeader(rec.snapshot(), len(rec.body())),
+				Header:     f.storableHeader(rec.snapshot(), status, len(rec.body())),
 				Body:       bytes.Clone(rec.body()),
 			},
 		}
 		f.setFingerprint(stored)
-		if f.complete(r, &stored.Record) {
+		if f.complete(r, status, took, &stored.Record) {
 			s.observe(Event{Outcome: OutcomeExecuted, Request: r, StorageKey: f.skey, Status: status, Duration: took})
 		}
 	}
@@ -556,7 +496,19 @@ func (f *flight) setFingerprint(stored *storedRecord) {
 
 // storableHeader drops the headers that are never replayed from h (a
 // snapshot the recorder handed over) and records the exact Content-Length.
-func (f *flight) storableHeader(h http.Header, bodyLen int) http.Header {
+func (f *flight) storableHeader(h http.Header, status, bodyLen int) http.Header {
+	// A handler that set no Content-Type got the one net/http sniffed from
+	// the first bytes it sent, or none when it flushed before writing any.
+	// The replay must not sniff the whole body instead.
+	_, haveType := h["Content-Type"]
+	_, haveTE := h["Transfer-Encoding"]
+	if !haveType && bodyLen > 0 && bodyAllowed(status) && h.Get("Content-Encoding") == "" {
+		if ctype, ok := f.rec.sniffedType(); ok && !haveTE {
+			h["Content-Type"] = []string{ctype}
+		} else {
+			h["Content-Type"] = nil // present and empty: nothing is sniffed
+		}
+	}
 	for name := range h {
 		if f.s.noReplay[name] {
 			delete(h, name)
@@ -579,19 +531,21 @@ func (f *flight) completeNotStored(r *http.Request, status int, reason string, t
 		stored.Response.Header = http.Header{"Location": loc}
 	}
 	f.setFingerprint(stored)
-	if f.complete(r, &stored.Record) {
+	if f.complete(r, status, took, &stored.Record) {
 		f.s.observe(Event{Outcome: OutcomeNotStored, Request: r, StorageKey: f.skey, Status: status, Detail: reason, Duration: took})
 	}
 }
 
 // complete stores rec if this request still owns the key, retrying with
 // backoff while the lease lasts, so that a brief store outage does not turn
-// into a second execution. It reports whether the record was stored.
-func (f *flight) complete(r *http.Request, rec *Record) bool {
+// into a second execution. It reports whether the record was stored; when it
+// gives up on a store that keeps failing, it reports the response (of
+// status, from a handler that ran for took) as not stored.
+func (f *flight) complete(r *http.Request, status int, took time.Duration, rec *Record) bool {
 	s := f.s
 	backoff := 10 * time.Millisecond
 	for {
-		ctx, cancel := f.detachedContext()
+		ctx, cancel := s.detachedContext(f.detached, s.storeTimeout)
 		err := s.store.Complete(ctx, f.skey, f.token, rec, s.ttl)
 		cancel()
 		switch {
@@ -606,6 +560,8 @@ func (f *flight) complete(r *http.Request, rec *Record) bool {
 		}
 		s.observe(Event{Outcome: OutcomeStoreError, Request: r, StorageKey: f.skey, Err: err})
 		if time.Until(f.leaseDeadline) <= backoff {
+			s.observe(Event{Outcome: OutcomeNotStored, Request: r, StorageKey: f.skey, Status: status,
+				Detail: "store unavailable", Err: err, Duration: took})
 			return false
 		}
 		time.Sleep(backoff)
@@ -617,11 +573,12 @@ func (f *flight) complete(r *http.Request, rec *Record) bool {
 // a retry runs the handler again. A release that fails leaves the claim to
 // expire within LockTTL.
 func (f *flight) release() {
-	ctx, cancel := f.detachedContext()
-	err := f.s.store.Release(ctx, f.skey, f.token)
+	s := f.s
+	ctx, cancel := s.detachedContext(f.detached, s.storeTimeout)
+	err := s.store.Release(ctx, f.skey, f.token)
 	cancel()
 	if err != nil && !errors.Is(err, ErrNotOwner) {
-		f.s.observe(Event{Outcome: OutcomeStoreError, Request: f.r, StorageKey: f.skey, Err: err})
+		s.observe(Event{Outcome: OutcomeStoreError, Request: f.r, StorageKey: f.skey, Err: err})
 	}
 }
 

@@ -50,6 +50,7 @@ type recorder struct {
 	maxBody int   // capture cap in bytes
 	declLen int64 // declared Content-Length of the final header, or -1
 	written int64 // body bytes that belong to the response so far
+	flushed int64 // written at the first flush, or -1: net/http sniffs at most that much
 
 	code int         // final status once wrote is set
 	hdr  http.Header // header snapshot taken when the final header was written
@@ -72,6 +73,7 @@ func (rec *recorder) init(w http.ResponseWriter, maxBody int, beforeFinal func()
 	rec.maxBody = max(maxBody, 0)
 	rec.declLen = -1
 	rec.written = 0
+	rec.flushed = -1
 	rec.code = 0
 	rec.hdr = nil
 	rec.buf = rec.buf[:0]
@@ -115,6 +117,22 @@ func (rec *recorder) snapshot() http.Header {
 // keeps it past reset copies it. Once overflowed reports true, body holds
 // only a prefix of what was written.
 func (rec *recorder) body() []byte { return rec.buf }
+
+// sniffedType returns the Content-Type net/http sent for a response whose
+// header had none: it sniffs the first chunk it sends, which holds every
+// byte written before the first flush (at least 512 when none came first).
+// ok is false when net/http sent no Content-Type.
+func (rec *recorder) sniffedType() (ctype string, ok bool) {
+	n := int64(len(rec.buf))
+	if rec.flushed >= 0 {
+		n = min(n, rec.flushed)
+	}
+	n = min(n, 512)
+	if n == 0 {
+		return "", false
+	}
+	return http.DetectContentType(rec.buf[:n]), true
+}
 
 // overflowed reports whether the handler wrote more than maxBody bytes of
 // body; capture stopped there, while writing through to the client went on.
@@ -270,6 +288,9 @@ func (rec *recorder) Flush() { _ = rec.FlushError() }
 func (rec *recorder) FlushError() error {
 	if !rec.wrote && !rec.hijack {
 		rec.writeFinal(http.StatusOK)
+	}
+	if rec.flushed < 0 {
+		rec.flushed = rec.written
 	}
 	return http.NewResponseController(rec.w).Flush()
 }

@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"math"
 	"net/http"
 	"strconv"
 	"time"
@@ -311,7 +312,7 @@ func redisDecodeRecord(v string) (*Record, error) {
 		// this store never sets) reads as "cannot tell".
 		rest := v[tokenEnd:]
 		ms, err := strconv.ParseInt(rest, 10, 64)
-		if err != nil {
+		if err != nil || ms > int64(math.MaxInt64/time.Millisecond) {
 			return nil, redisCorrupt("in-flight record followed by %d bytes that are not its lease", len(rest))
 		}
 		rec := &Record{State: StateInFlight, Token: v[redisHeaderLen:tokenEnd]}
@@ -338,7 +339,8 @@ func redisDecodeCompleted(v string, tokenEnd int) (*Record, error) {
 	}
 	// Every name and value takes at least one byte: counts larger than
 	// what is left are corrupt, and must not size an allocation.
-	if nNames > uint64(len(v)-d.off) || nValues > uint64(len(v)-d.off) || status > 999 {
+	if nNames > uint64(len(v)-d.off) || nValues > uint64(len(v)-d.off) ||
+		status > 999 || (status < 200 && status != http.StatusSwitchingProtocols) {
 		return nil, redisCorrupt("implausible counts")
 	}
 
@@ -348,8 +350,13 @@ func redisDecodeCompleted(v string, tokenEnd int) (*Record, error) {
 	for range nNames {
 		d.span()
 		n := d.uvarint()
+		if d.err == nil && n > uint64(len(v)-d.off) {
+			return nil, redisCorrupt("implausible counts")
+		}
 		for range n {
-			d.span()
+			if d.span(); d.err != nil {
+				return nil, d.err
+			}
 		}
 		seen += n
 		if d.err != nil {

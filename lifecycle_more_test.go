@@ -1,0 +1,320 @@
+package idempotency_test
+
+import (
+	"context"
+	"crypto/sha256"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/alicebob/miniredis/v2"
+	"github.com/redis/go-redis/v9"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/f8e778d0/idempotency"
+)
+
+func TestCustomFingerprint(t *testing.T) {
+	s := lcStart(t, idempotency.Config{Fingerprint: func(r *http.Request) []byte {
+		sum := sha256.Sum256([]byte(r.Header.Get("X-Account")))
+		return sum[:]
+	}}, lcCreated)
+	send := func(account, body string) lcResult {
+		req, _ := http.NewRequest(http.MethodPost, s.URL, strings.NewReader(body))
+		req.Header.Set("Idempotency-Key", "k")
+		req.Header.Set("X-Account", account)
+		resp, err := http.DefaultClient.Do(req)
+		require.NoError(t, err)
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return lcResult{resp.StatusCode, resp.Header, string(b)}
+	}
+	assert.Equal(t, http.StatusCreated, send("acct-1", "a").status)
+	r := send("acct-1", "other body") // the custom fingerprint ignores the body
+	assert.True(t, r.replayed())
+	assert.Equal(t, http.StatusUnprocessableEntity, send("acct-2", "a").status)
+	assert.EqualValues(t, 1, s.runs.Load())
+}
+
+func TestCustomNoReplayHeadersAndWriteProblem(t *testing.T) {
+	var problems atomic.Int64
+	s := lcStart(t, idempotency.Config{
+		NoReplayHeaders: []string{"x-secret"},
+		WriteProblem: func(w http.ResponseWriter, r *http.Request, p *idempotency.Problem) {
+			problems.Add(1)
+			w.Header().Set("Content-Type", "text/plain")
+			w.WriteHeader(p.Status)
+			fmt.Fprintf(w, "custom %d %s", p.Status, p.Type)
+		},
+	}, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Secret", "s")
+		w.Header().Set("Set-Cookie", "a=b") // no longer in the list: replayed
+		w.WriteHeader(http.StatusCreated)
+	})
+	lcDo(t, s.URL, http.MethodPost, "k", "{}")
+	r := lcDo(t, s.URL, http.MethodPost, "k", "{}")
+	assert.True(t, r.replayed())
+	assert.Empty(t, r.header.Get("X-Secret"))
+	assert.Equal(t, "a=b", r.header.Get("Set-Cookie"))
+
+	r = lcDo(t, s.URL, http.MethodPost, "k", `{"other":1}`)
+	assert.Equal(t, http.StatusUnprocessableEntity, r.status)
+	assert.Equal(t, "custom 422 "+idempotency.DefaultProblemTypeBase+idempotency.ProblemKeyReused, r.body)
+	assert.EqualValues(t, 1, problems.Load())
+}
+
+func TestTrailersAreNotStored(t *testing.T) {
+	s := lcStart(t, idempotency.Config{}, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Trailer", "X-Checksum")
+		w.WriteHeader(http.StatusCreated)
+		io.WriteString(w, "payload")
+		w.Header().Set("X-Checksum", "abc")
+	})
+	req, _ := http.NewRequest(http.MethodPost, s.URL, strings.NewReader("{}"))
+	req.Header.Set("Idempotency-Key", "k")
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	require.NoError(t, err)
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	assert.Equal(t, "abc", resp.Trailer.Get("X-Checksum"), "the first client gets its trailer")
+
+	r := lcDo(t, s.URL, http.MethodPost, "k", "{}")
+	assert.True(t, r.replayed())
+	assert.Equal(t, "payload", r.body)
+	assert.Empty(t, r.header.Values("Trailer"))
+	assert.Empty(t, r.header.Values("X-Checksum"))
+}
+
+// moreEarlyResponder answers and flushes before it reads the body, then
+// reads the rest: on HTTP/1.x the middleware must read ahead the part of the
+// body the fingerprint needs before net/http discards it.
+func moreEarlyResponder(w http.ResponseWriter, r *http.Request) {
+	w.WriteHeader(http.StatusCreated)
+	w.(http.Flusher).Flush()
+	b, _ := io.ReadAll(r.Body)
+	fmt.Fprintf(w, "read %d bytes", len(b))
+}
+
+func TestReadAheadThroughTheMiddleware(t *testing.T) {
+	body := strings.Repeat("0123456789", 10_000) // 100 kB
+	for _, proto := range []string{"HTTP/1.1", "HTTP/2.0"} {
+		t.Run(proto, func(t *testing.T) {
+			var runs atomic.Int64
+			srv := httptest.NewUnstartedServer(idempotency.New(idempotency.Config{})(http.HandlerFunc(
+				func(w http.ResponseWriter, r *http.Request) {
+					runs.Add(1)
+					moreEarlyResponder(w, r)
+				})))
+			if proto == "HTTP/2.0" {
+				srv.EnableHTTP2 = true
+				srv.StartTLS()
+			} else {
+				srv.Start()
+			}
+			defer srv.Close()
+			client := srv.Client()
+			send := func(b string) (int, string, bool) {
+				req, _ := http.NewRequest(http.MethodPost, srv.URL, strings.NewReader(b))
+				req.Header.Set("Idempotency-Key", "early")
+				resp, err := client.Do(req)
+				require.NoError(t, err)
+				defer resp.Body.Close()
+				assert.Equal(t, proto, resp.Proto)
+				got, _ := io.ReadAll(resp.Body)
+				return resp.StatusCode, string(got), resp.Header.Get(idempotency.ReplayedHeader) == "true"
+			}
+			status, got, replayed := send(body)
+			assert.Equal(t, http.StatusCreated, status)
+			assert.Equal(t, "read 100000 bytes", got, "the handler still gets the whole body")
+			assert.False(t, replayed)
+
+			status, got, replayed = send(body)
+			assert.Equal(t, http.StatusCreated, status)
+			assert.True(t, replayed, "a faithful retry must match the fingerprint")
+			assert.Equal(t, "read 100000 bytes", got)
+
+			status, _, _ = send(body[:len(body)-1] + "X")
+			assert.Equal(t, http.StatusUnprocessableEntity, status)
+			assert.EqualValues(t, 1, runs.Load())
+		})
+	}
+}
+
+func TestBodiesDifferingAfterTheLimitAreTheSameRequest(t *testing.T) {
+	s := lcStart(t, idempotency.Config{FingerprintBodyLimit: 16}, lcCreated)
+	lcDo(t, s.URL, http.MethodPost, "k", strings.Repeat("a", 16)+"tail-1")
+	r := lcDo(t, s.URL, http.MethodPost, "k", strings.Repeat("a", 16)+"tail-2")
+	assert.True(t, r.replayed())
+	r = lcDo(t, s.URL, http.MethodPost, "k", strings.Repeat("b", 16)+"tail-1")
+	assert.Equal(t, http.StatusUnprocessableEntity, r.status)
+	assert.EqualValues(t, 1, s.runs.Load())
+}
+
+func TestRedisStoreOnRing(t *testing.T) {
+	m1, m2 := miniredis.RunT(t), miniredis.RunT(t)
+	ring := redis.NewRing(&redis.RingOptions{Addrs: map[string]string{"a": m1.Addr(), "b": m2.Addr()}})
+	t.Cleanup(func() { ring.Close() })
+	s := lcStart(t, idempotency.Config{Store: idempotency.NewRedisStore(ring)}, lcCreated)
+	for i := 0; i < 20; i++ {
+		key := fmt.Sprintf("ring-%d", i)
+		assert.False(t, lcDo(t, s.URL, http.MethodPost, key, "{}").replayed())
+		assert.True(t, lcDo(t, s.URL, http.MethodPost, key, "{}").replayed())
+	}
+	assert.EqualValues(t, 20, s.runs.Load())
+	assert.NotZero(t, len(m1.Keys()))
+	assert.NotZero(t, len(m2.Keys()))
+}
+
+// The tests below pin down lease and failure windows found in review.
+
+func TestClosedBodyKeepsTheFingerprint(t *testing.T) {
+	s := lcStart(t, idempotency.Config{}, func(w http.ResponseWriter, r *http.Request) {
+		r.Body.Close()
+		w.WriteHeader(http.StatusCreated)
+		w.(http.Flusher).Flush() // net/http discards the unread body now
+		io.WriteString(w, "ok")
+	})
+	require.Equal(t, http.StatusCreated, lcDo(t, s.URL, http.MethodPost, "k", `{"amount":100}`).status)
+	assert.True(t, lcDo(t, s.URL, http.MethodPost, "k", `{"amount":100}`).replayed())
+	assert.Equal(t, http.StatusUnprocessableEntity, lcDo(t, s.URL, http.MethodPost, "k", `{"amount":999}`).status)
+}
+
+// moreHangingExtendStore never answers a renewal.
+type moreHangingExtendStore struct{ idempotency.Store }
+
+func (moreHangingExtendStore) Extend(ctx context.Context, _, _ string, _ time.Duration) error {
+	<-ctx.Done()
+	return ctx.Err()
+}
+
+func TestLeaseLossCancelsBeforeTakeover(t *testing.T) {
+	var firstCancelled, overlap atomic.Bool
+	var runs atomic.Int64
+	release := make(chan struct{})
+	started := make(chan struct{})
+	cfg := idempotency.Config{Store: moreHangingExtendStore{idempotency.NewMemoryStore()},
+		LockTTL: 300 * time.Millisecond, StoreTimeout: 2 * time.Second}
+	s := lcStart(t, cfg, func(w http.ResponseWriter, r *http.Request) {
+		if runs.Add(1) == 1 {
+			close(started)
+			select {
+			case <-r.Context().Done():
+				firstCancelled.Store(true)
+			case <-release:
+			}
+			w.WriteHeader(http.StatusCreated)
+			return
+		}
+		overlap.Store(!firstCancelled.Load())
+		close(release)
+		w.WriteHeader(http.StatusCreated)
+	})
+	done := make(chan struct{})
+	go func() { defer close(done); lcDo(t, s.URL, http.MethodPost, "k", "x") }()
+	<-started
+	var second lcResult
+	require.Eventually(t, func() bool {
+		second = lcDo(t, s.URL, http.MethodPost, "k", "x")
+		return second.status != http.StatusConflict
+	}, 5*time.Second, 20*time.Millisecond)
+	<-done
+	// Either the first request still completed before its claim ran out in
+	// the store (the second got its replay), or the second took the key
+	// over; in both cases the first handler's context was cancelled first.
+	assert.True(t, firstCancelled.Load(), "a lease that cannot be renewed must cancel the handler")
+	assert.False(t, overlap.Load(), "a second execution started while the first handler's context was live")
+	if runs.Load() == 1 {
+		assert.True(t, second.replayed(), "status %d: %s", second.status, second.body)
+	}
+}
+
+func TestFingerprintPanicReleasesClaim(t *testing.T) {
+	var calls atomic.Int64
+	inner := idempotency.New(idempotency.Config{Fingerprint: func(r *http.Request) []byte {
+		if calls.Add(1) == 1 {
+			panic("bug in the fingerprint")
+		}
+		return []byte("fp")
+	}})(http.HandlerFunc(lcCreated))
+	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		defer func() {
+			if recover() != nil {
+				w.WriteHeader(http.StatusInternalServerError)
+			}
+		}()
+		inner.ServeHTTP(w, r)
+	})
+	send := func() int {
+		req := httptest.NewRequest(http.MethodPost, "/", strings.NewReader("x"))
+		req.Header.Set("Idempotency-Key", "k")
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, req)
+		return w.Code
+	}
+	assert.Equal(t, http.StatusInternalServerError, send())
+	assert.Equal(t, http.StatusCreated, send(), "the claim must be released after a panic")
+}
+
+func TestSlowBodyAfterHandlerKeepsLease(t *testing.T) {
+	s := lcStart(t, idempotency.Config{LockTTL: 300 * time.Millisecond},
+		func(w http.ResponseWriter, r *http.Request) {}) // ignores the body
+	pr, pw := io.Pipe()
+	go func() {
+		pw.Write([]byte("a"))
+		time.Sleep(700 * time.Millisecond)
+		pw.Write([]byte("b"))
+		pw.Close()
+	}()
+	req, _ := http.NewRequest(http.MethodPost, s.URL, pr)
+	req.Header.Set("Idempotency-Key", "k")
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	require.NoError(t, err)
+	resp.Body.Close()
+	r := lcDo(t, s.URL, http.MethodPost, "k", "ab")
+	assert.EqualValues(t, 1, s.runs.Load(), "the handler ran twice")
+	assert.True(t, r.replayed())
+	assert.Zero(t, s.events.count(idempotency.OutcomeLeaseLost))
+}
+
+func TestCompletionGivenUpIsReported(t *testing.T) {
+	store := lcNewFaultStore()
+	store.setFail("complete", -1, errLcDown)
+	s := lcStart(t, idempotency.Config{Store: store, LockTTL: 150 * time.Millisecond}, lcCreated)
+	assert.Equal(t, http.StatusCreated, lcDo(t, s.URL, http.MethodPost, "k", "{}").status)
+	assert.Equal(t, 1, s.events.count(idempotency.OutcomeNotStored), "a response lost to the store must be reported")
+}
+
+func TestWriterAndBodyUsedAfterReturnAreDead(t *testing.T) {
+	late := make(chan http.ResponseWriter, 1)
+	lateBody := make(chan io.Reader, 1)
+	var n atomic.Int64
+	s := lcStart(t, idempotency.Config{}, func(w http.ResponseWriter, r *http.Request) {
+		if n.Add(1) == 1 {
+			late <- w // a buggy handler keeps its writer and body
+			lateBody <- r.Body
+		}
+		w.WriteHeader(http.StatusCreated)
+		fmt.Fprint(w, "mine")
+	})
+	require.Equal(t, "mine", lcDo(t, s.URL, http.MethodPost, "a", "{}").body)
+	w, body := <-late, <-lateBody
+	_, err := w.Write([]byte("leak"))
+	assert.Error(t, err, "a write after the handler returned must fail")
+	_, err = body.Read(make([]byte, 8))
+	assert.Error(t, err)
+	w.Header().Set("X-Leak", "1")
+	w.WriteHeader(http.StatusTeapot)
+
+	r := lcDo(t, s.URL, http.MethodPost, "b", "{}")
+	assert.Equal(t, http.StatusCreated, r.status)
+	assert.Equal(t, "mine", r.body)
+	assert.Empty(t, r.header.Get("X-Leak"))
+}
