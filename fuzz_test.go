@@ -378,14 +378,14 @@ func FuzzRedisRecord(f *testing.F) {
 		{2, 2, 0},
 		{1, 3, 0},
 		{1, 2, 0, 0xc8, 0x01, 0, 0x80, 0x80, 0x80, 0x80, 0x10, 0x01},
-		redisEncodeRecord("tok", full),
-		redisEncodeRecord("", notStored),
-		redisEncodeRecord("t", &Record{Response: Response{StatusCode: http.StatusNoContent}}),
+		[]byte(redisEncodeRecord("tok", full)),
+		[]byte(redisEncodeRecord("", notStored)),
+		[]byte(redisEncodeRecord("t", &Record{Response: Response{StatusCode: http.StatusNoContent}})),
 	} {
 		f.Add(seed)
 	}
-	f.Add(redisEncodeRecord("tok", full)[:20])
-	f.Add(append(redisEncodeRecord("tok", full), 'x'))
+	f.Add([]byte(redisEncodeRecord("tok", full)[:20]))
+	f.Add([]byte(redisEncodeRecord("tok", full) + "x"))
 
 	f.Fuzz(func(t *testing.T, data []byte) {
 		// Decode of arbitrary bytes.
@@ -423,9 +423,6 @@ func FuzzRedisRecord(f *testing.F) {
 		// Round trip of a record built from the input.
 		token, built := fuzzRecordFrom(data)
 		encoded := redisEncodeRecord(token, built)
-		if len(encoded) != cap(encoded) {
-			t.Fatalf("encoded %d bytes into a buffer of %d", len(encoded), cap(encoded))
-		}
 		got, err := redisDecodeRecord(string(encoded))
 		if err != nil {
 			t.Fatalf("decoding an encoded record: %v", err)

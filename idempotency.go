@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/base64"
 	"errors"
 	"io"
@@ -109,10 +110,14 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if s.keyScope != nil {
 		scope = s.keyScope(r)
 	}
-	skey := StorageKey(scope, key)
+	// The storage key and this request's owner token share one
+	// allocation: a store that keeps the claim keeps both.
+	var buf [2*sha256.Size + tokenLen]byte
+	b := h.tokens.append(appendStorageKey(buf[:0], scope, key))
+	both := string(b)
+	skey, token := both[:2*sha256.Size], both[2*sha256.Size:]
 
 	// 3. Claim the key, or get the record that is there, in one operation.
-	token := h.tokens.next()
 	claimedAt := time.Now()
 	ctx, cancel := s.storeContext(r.Context())
 	rec, err := s.store.Claim(ctx, skey, token, s.lockTTL)
@@ -605,7 +610,8 @@ func newTokenSource() *tokenSource {
 	return t
 }
 
-func (t *tokenSource) next() string {
+// append appends a new token to dst.
+func (t *tokenSource) append(dst []byte) []byte {
 	const digits = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 	var buf [tokenLen]byte
 	copy(buf[:], t.prefix[:])
@@ -614,5 +620,5 @@ func (t *tokenSource) next() string {
 		buf[i] = digits[n&63]
 		n >>= 6
 	}
-	return string(buf[:])
+	return append(dst, buf[:]...)
 }

@@ -192,6 +192,13 @@ const keyHashBufSize = 512
 // key has the same length, and no client input reaches a store in clear. A
 // store may add its own prefix.
 func StorageKey(scope, key string) string {
+	var buf [2 * sha256.Size]byte
+	return string(appendStorageKey(buf[:0], scope, key))
+}
+
+// appendStorageKey appends StorageKey(scope, key) to dst, so that a caller
+// can build it together with other bytes in one allocation.
+func appendStorageKey(dst []byte, scope, key string) []byte {
 	var sum [sha256.Size]byte
 	if n := 16 + len(scope) + len(key); n <= keyHashBufSize {
 		var buf [keyHashBufSize]byte
@@ -211,7 +218,5 @@ func StorageKey(scope, key string) string {
 		h.Write([]byte(key))
 		h.Sum(sum[:0])
 	}
-	var out [2 * sha256.Size]byte
-	hex.Encode(out[:], sum[:])
-	return string(out[:])
+	return hex.AppendEncode(dst, sum[:])
 }

@@ -57,9 +57,9 @@ const (
 // request twice. Keys that already exist are still served at the cap.
 //
 // The store never blocks on I/O and ignores the contexts passed to its
-// methods. Completed records are returned as the store holds them: callers
-// must not modify them, and a record passed to Complete belongs to the
-// store.
+// methods. It keeps a completed record in a compact encoding (one string,
+// the Redis store's format), about a third of the heap of a [Record] and its
+// header map, and decodes a fresh copy for each Claim or Get.
 type MemoryStore struct {
 	shards [memShardCount]memShard
 
@@ -107,8 +107,10 @@ type memEntry struct {
 	key string
 	// token is the owner token of the claim.
 	token string
-	// rec is the completed record; nil while the key is in flight.
-	rec *Record
+	// rec is the completed record in the compact encoding of the Redis
+	// store (one string, about a third of the heap of a *Record and its
+	// header map); "" while the key is in flight.
+	rec string
 	// expires is the store time, in nanoseconds since the store's epoch,
 	// at which the lease (in flight) or the TTL (completed) runs out.
 	expires int64
@@ -204,8 +206,8 @@ var (
 )
 
 // Claim takes key for token, holding it for lease, or returns the live
-// record under key, as [Store] describes. A completed record is returned as
-// the store holds it, without a copy. Claim returns [ErrStoreFull] when key
+// record under key, as [Store] describes. A completed record is decoded
+// afresh for each call. Claim returns [ErrStoreFull] when key
 // is new and the store is at its cap even after removing expired records.
 func (s *MemoryStore) Claim(_ context.Context, key, token string, lease time.Duration) (*Record, error) {
 	sh := s.shard(key)
@@ -215,10 +217,10 @@ func (s *MemoryStore) Claim(_ context.Context, key, token string, lease time.Dur
 		sh.mu.Lock()
 		if i, ok := sh.index[key]; ok {
 			e := &sh.entries[i]
-			if e.live(now) && e.rec != nil {
-				rec := e.rec
+			if e.live(now) && e.rec != "" {
+				enc := e.rec
 				sh.mu.Unlock()
-				return rec, nil
+				return redisDecodeRecord(enc)
 			}
 			if e.live(now) && e.token != token {
 				owner, left := e.token, time.Duration(e.expires-now)
@@ -254,7 +256,7 @@ func (s *MemoryStore) Extend(_ context.Context, key, token string, lease time.Du
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
 	e := sh.find(key, now)
-	if e == nil || e.rec != nil || e.token != token {
+	if e == nil || e.rec != "" || e.token != token {
 		return ErrNotOwner
 	}
 	e.expires = memAdd(now, lease)
@@ -263,10 +265,9 @@ func (s *MemoryStore) Extend(_ context.Context, key, token string, lease time.Du
 }
 
 // Complete stores rec under the in-flight key held by token, for ttl, or
-// returns [ErrNotOwner] and writes nothing. The store keeps rec itself, with
-// State set to [StateCompleted] and Token to token; the caller must not
-// modify it afterwards. A Complete re-sent by the token that completed the
-// key returns nil and changes nothing.
+// returns [ErrNotOwner] and writes nothing. The store keeps an encoded copy
+// of rec, with State [StateCompleted] and Token token. A Complete re-sent by
+// the token that completed the key returns nil and changes nothing.
 func (s *MemoryStore) Complete(_ context.Context, key, token string, rec *Record, ttl time.Duration) error {
 	if rec == nil {
 		panic("idempotency: Complete needs a non-nil record")
@@ -279,13 +280,13 @@ func (s *MemoryStore) Complete(_ context.Context, key, token string, rec *Record
 	if e == nil || e.token != token {
 		return ErrNotOwner
 	}
-	if e.rec != nil {
+	if e.rec != "" {
 		return nil // completed by this token already
 	}
 	if rec.State != StateCompleted || rec.Token != token || rec.LeaseRemaining != 0 {
 		rec.State, rec.Token, rec.LeaseRemaining = StateCompleted, token, 0
 	}
-	e.rec = rec
+	e.rec = redisEncodeRecord(token, rec)
 	e.expires = memAdd(now, ttl)
 	e.notify()
 	s.sweepStep(sh, now)
@@ -303,7 +304,7 @@ func (s *MemoryStore) Release(_ context.Context, key, token string) error {
 	if !ok {
 		return ErrNotOwner
 	}
-	if e := &sh.entries[i]; !e.live(now) || e.rec != nil || e.token != token {
+	if e := &sh.entries[i]; !e.live(now) || e.rec != "" || e.token != token {
 		return ErrNotOwner
 	}
 	s.removeAt(sh, i)
@@ -312,20 +313,23 @@ func (s *MemoryStore) Release(_ context.Context, key, token string) error {
 }
 
 // Get returns the live record under key, or nil when there is none. A
-// completed record is returned as the store holds it; an in-flight one is a
-// new [Record] with the owner's token and the lease left.
+// completed record is decoded afresh; an in-flight one is a new [Record]
+// with the owner's token and the lease left.
 func (s *MemoryStore) Get(_ context.Context, key string) (*Record, error) {
 	sh := s.shard(key)
 	now := s.clock()
 	sh.mu.Lock()
 	e := sh.find(key, now)
-	if e == nil || e.rec != nil {
-		var rec *Record
+	if e == nil || e.rec != "" {
+		var enc string
 		if e != nil {
-			rec = e.rec
+			enc = e.rec
 		}
 		sh.mu.Unlock()
-		return rec, nil
+		if enc == "" {
+			return nil, nil
+		}
+		return redisDecodeRecord(enc)
 	}
 	owner, left := e.token, time.Duration(e.expires-now)
 	sh.mu.Unlock()
@@ -357,7 +361,7 @@ func (s *MemoryStore) Watch(key string) <-chan struct{} {
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
 	e := sh.find(key, now)
-	if e == nil || e.rec != nil {
+	if e == nil || e.rec != "" {
 		return nil
 	}
 	if e.changed == nil {

@@ -9,6 +9,7 @@ import (
 	"math"
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -230,7 +231,7 @@ const (
 )
 
 // redisEncodeRecord encodes rec, completed by token, in one allocation.
-func redisEncodeRecord(token string, rec *Record) []byte {
+func redisEncodeRecord(token string, rec *Record) string {
 	r := &rec.Response
 	nValues := 0
 	size := redisHeaderLen + len(token) +
@@ -248,25 +249,38 @@ func redisEncodeRecord(token string, rec *Record) []byte {
 		redisBytesLen(len(rec.Fingerprint)) +
 		redisBytesLen(len(r.Body))
 
-	b := make([]byte, 0, size)
-	b = append(b, redisRecordVersion, byte(StateCompleted), byte(len(token)))
-	b = append(b, token...)
-	b = binary.AppendUvarint(b, uint64(r.StatusCode))
-	b = redisAppendString(b, r.NotStored)
-	b = binary.AppendUvarint(b, uint64(len(r.Header)))
-	b = binary.AppendUvarint(b, uint64(nValues))
+	var b strings.Builder
+	b.Grow(size)
+	b.WriteByte(redisRecordVersion)
+	b.WriteByte(byte(StateCompleted))
+	b.WriteByte(byte(len(token)))
+	b.WriteString(token)
+	redisWriteUvarint(&b, uint64(r.StatusCode))
+	redisWriteString(&b, r.NotStored)
+	redisWriteUvarint(&b, uint64(len(r.Header)))
+	redisWriteUvarint(&b, uint64(nValues))
 	for name, values := range r.Header {
-		b = redisAppendString(b, name)
-		b = binary.AppendUvarint(b, uint64(len(values)))
+		redisWriteString(&b, name)
+		redisWriteUvarint(&b, uint64(len(values)))
 		for _, v := range values {
-			b = redisAppendString(b, v)
+			redisWriteString(&b, v)
 		}
 	}
-	b = binary.AppendUvarint(b, uint64(len(rec.Fingerprint)))
-	b = append(b, rec.Fingerprint...)
-	b = binary.AppendUvarint(b, uint64(len(r.Body)))
-	b = append(b, r.Body...)
-	return b
+	redisWriteUvarint(&b, uint64(len(rec.Fingerprint)))
+	b.Write(rec.Fingerprint)
+	redisWriteUvarint(&b, uint64(len(r.Body)))
+	b.Write(r.Body)
+	return b.String()
+}
+
+func redisWriteUvarint(b *strings.Builder, x uint64) {
+	var buf [binary.MaxVarintLen64]byte
+	b.Write(binary.AppendUvarint(buf[:0], x))
+}
+
+func redisWriteString(b *strings.Builder, s string) {
+	redisWriteUvarint(b, uint64(len(s)))
+	b.WriteString(s)
 }
 
 func redisUvarintLen(x uint64) int {
@@ -282,10 +296,6 @@ func redisBytesLen(n int) int {
 	return redisUvarintLen(uint64(n)) + n
 }
 
-func redisAppendString(b []byte, s string) []byte {
-	b = binary.AppendUvarint(b, uint64(len(s)))
-	return append(b, s...)
-}
 
 // redisDecodeRecord decodes a record as the claim and get scripts return
 // it: the value, followed for an in-flight record by its remaining lease in
