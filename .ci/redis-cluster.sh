@@ -32,10 +32,12 @@ start() {
 		exit 1
 	fi
 
-	# Three ports whose cluster bus ports (port + 10000) are free too.
-	local ports=() port=$((30000 + RANDOM % 5000))
+	# Three ports whose cluster bus ports (port + 10000) are free too, all
+	# below the kernel's ephemeral range (32768 and up on Linux), so that no
+	# outgoing connection can take one between this check and the bind.
+	local ports=() port=$((20000 + RANDOM % 2000))
 	while ((${#ports[@]} < 3)); do
-		if ((port > 39999)); then
+		if ((port > 22700)); then
 			log "no free ports found"
 			exit 1
 		fi
@@ -59,13 +61,16 @@ start() {
 	done
 
 	for port in "${ports[@]}"; do
-		wait_for "server on port $port" redis-cli -p "$port" ping
+		if ! wait_for "server on port $port" redis-cli -p "$port" ping; then
+			tail -n 20 "$dir/$port.log" >&2 || true
+			exit 1
+		fi
 	done
 
 	redis-cli --cluster create "${addrs[@]}" --cluster-replicas 0 --cluster-yes >&2
 
 	for port in "${ports[@]}"; do
-		wait_for "cluster_state:ok on port $port" cluster_ok "$port"
+		wait_for "cluster_state:ok on port $port" cluster_ok "$port" || exit 1
 	done
 
 	trap - EXIT
@@ -88,7 +93,7 @@ wait_for() {
 		sleep 0.1
 	done
 	log "timed out waiting for $what"
-	exit 1
+	return 1
 }
 
 stop() {
