@@ -296,7 +296,6 @@ func redisBytesLen(n int) int {
 	return redisUvarintLen(uint64(n)) + n
 }
 
-
 // redisDecodeRecord decodes a record as the claim and get scripts return
 // it: the value, followed for an in-flight record by its remaining lease in
 // milliseconds, in decimal. Every error wraps ErrCorruptRecord.
