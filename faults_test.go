@@ -169,28 +169,7 @@ func (s *faultStore) Delete(ctx context.Context, key string) error {
 }
 
 // faultEvents collects what the observer reports.
-type faultEvents struct {
-	mu  sync.Mutex
-	all []idempotency.Event
-}
-
-func (e *faultEvents) observe(ev idempotency.Event) {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	e.all = append(e.all, ev)
-}
-
-func (e *faultEvents) count(o idempotency.Outcome) int {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	n := 0
-	for _, ev := range e.all {
-		if ev.Outcome == o {
-			n++
-		}
-	}
-	return n
-}
+type faultEvents = lcEvents
 
 // faultServer is a handler behind the middleware on a test server.
 type faultServer struct {

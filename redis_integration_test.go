@@ -114,35 +114,14 @@ func (b *redisIntBackend) instance(t *testing.T, cfg idempotency.Config, h http.
 }
 
 // redisIntEvents records what the middleware reported to its Observer.
-type redisIntEvents struct {
-	mu     sync.Mutex
-	events []idempotency.Event
-}
-
-func (e *redisIntEvents) observe(ev idempotency.Event) {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	e.events = append(e.events, ev)
-}
-
-func (e *redisIntEvents) count(o idempotency.Outcome) int {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	n := 0
-	for _, ev := range e.events {
-		if ev.Outcome == o {
-			n++
-		}
-	}
-	return n
-}
+type redisIntEvents = lcEvents
 
 // errs returns the errors reported with outcome o.
 func (e *redisIntEvents) errs(o idempotency.Outcome) []error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	var errs []error
-	for _, ev := range e.events {
+	for _, ev := range e.all {
 		if ev.Outcome == o {
 			errs = append(errs, ev.Err)
 		}
@@ -157,7 +136,7 @@ func (e *redisIntEvents) completionErrors() int {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	n := 0
-	for _, ev := range e.events {
+	for _, ev := range e.all {
 		if ev.Outcome == idempotency.OutcomeStoreError && ev.Status == 0 {
 			n++
 		}
