@@ -76,8 +76,9 @@ func (o Outcome) String() string {
 	return "unknown"
 }
 
-// Event describes one outcome for Config.Observer. It never holds the
-// client's key in clear.
+// Event describes one outcome for Config.Observer. None of its own fields
+// holds the client's key in clear; Request's header does, so an observer
+// that logs requests must leave the key header out.
 type Event struct {
 	// Outcome is what happened.
 	Outcome Outcome
