@@ -490,11 +490,16 @@ func (f *flight) setFingerprint(stored *storedRecord) {
 	case f.customFP != nil:
 		stored.Fingerprint = f.customFP
 	case f.bodyFP:
-		// A body that failed to read leaves no fingerprint: the key alone
-		// identifies the request then.
-		if sum, ok := f.fp.sum(); ok {
-			stored.fp = sum
-			stored.Fingerprint = stored.fp[:]
+		sum, ok := f.fp.sum()
+		stored.fp = sum
+		stored.Fingerprint = stored.fp[:]
+		if !ok {
+			// The body failed before its first bytes were all read: the
+			// request cannot be verified, so no retry may be taken for it.
+			// A fingerprint one byte longer than any digest never matches:
+			// retries get 422 rather than a response to a request that
+			// may not be theirs.
+			stored.Fingerprint = append(stored.fp[:], 0xff)
 		}
 	}
 }

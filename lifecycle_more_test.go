@@ -3,6 +3,7 @@ package idempotency_test
 import (
 	"context"
 	"crypto/sha256"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -317,4 +318,39 @@ func TestWriterAndBodyUsedAfterReturnAreDead(t *testing.T) {
 	assert.Equal(t, http.StatusCreated, r.status)
 	assert.Equal(t, "mine", r.body)
 	assert.Empty(t, r.header.Get("X-Leak"))
+}
+
+// moreFailingBody fails after a few bytes, as a client that dies mid-upload.
+type moreFailingBody struct{ sent bool }
+
+func (b *moreFailingBody) Read(p []byte) (int, error) {
+	if !b.sent {
+		b.sent = true
+		return copy(p, `{"amount":`), nil
+	}
+	return 0, errors.New("connection reset")
+}
+
+func (b *moreFailingBody) Close() error { return nil }
+
+func TestUnreadableBodyFailsClosed(t *testing.T) {
+	var runs atomic.Int64
+	h := idempotency.New(idempotency.Config{})(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		runs.Add(1)
+		w.WriteHeader(http.StatusAccepted) // ignores the body
+	}))
+	send := func(body io.ReadCloser) int {
+		req := httptest.NewRequest(http.MethodPost, "/", nil)
+		req.Body = body
+		req.Header.Set("Idempotency-Key", "k")
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, req)
+		return w.Code
+	}
+	assert.Equal(t, http.StatusAccepted, send(&moreFailingBody{}))
+	// The first body could not be read: its response is never replayed to
+	// another body, and the handler does not run again.
+	assert.Equal(t, http.StatusUnprocessableEntity, send(io.NopCloser(strings.NewReader(`{"amount":999}`))))
+	assert.Equal(t, http.StatusUnprocessableEntity, send(&moreFailingBody{}))
+	assert.EqualValues(t, 1, runs.Load())
 }
