@@ -62,28 +62,7 @@ func serve(ctx context.Context, addr string, delay time.Duration) error {
 		return err
 	}
 	slog.Info("serving orders API", "addr", ln.Addr().String())
-	return serveUntil(ctx, newServer(newRoutes(api, store, logOutcome)), ln)
-}
-
-// logOutcome is the middleware's Observer: one log line per covered
-// request. Events carry the hashed storage key, never the client's key, so
-// they are safe to log.
-func logOutcome(e idempotency.Event) {
-	attrs := []any{"outcome", e.Outcome.String(), "method", e.Request.Method, "path", e.Request.URL.Path}
-	if e.Status != 0 {
-		attrs = append(attrs, "status", e.Status)
-	}
-	if e.StorageKey != "" {
-		attrs = append(attrs, "storage_key", e.StorageKey)
-	}
-	if e.Detail != "" {
-		attrs = append(attrs, "detail", e.Detail)
-	}
-	if e.Err != nil {
-		slog.Warn("idempotency", append(attrs, "err", e.Err)...)
-		return
-	}
-	slog.Info("idempotency", attrs...)
+	return serveUntil(ctx, newServer(newRoutes(api, store, idempotency.SlogObserver(slog.Default()))), ln)
 }
 
 // newServer returns an http.Server for h with sensible timeouts.

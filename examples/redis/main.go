@@ -76,7 +76,7 @@ func run() error {
 	}
 	api := &orderAPI{rdb: client, prefix: *prefix, instance: *name, delay: *delay}
 	slog.Info("serving orders API on Redis", "addr", ln.Addr().String(), "instance", *name, "redis", *redisAddrs)
-	return serveUntil(ctx, newServer(newRoutes(api, logOutcome(*name))), ln)
+	return serveUntil(ctx, newServer(newRoutes(api, idempotency.SlogObserver(slog.Default().With("instance", *name)))), ln)
 }
 
 // newClient returns the go-redis client for addrs. NewUniversalClient picks
@@ -97,27 +97,6 @@ func newClient(addrs []string, master string) redis.UniversalClient {
 		// Retry-After, never a hung request.
 		ContextTimeoutEnabled: true,
 	})
-}
-
-// logOutcome returns the middleware's Observer: one log line per covered
-// request, naming the instance, so that two instances' logs show which one
-// ran a request and which one replayed it. Events carry the hashed storage
-// key, never the client's key.
-func logOutcome(instance string) func(idempotency.Event) {
-	return func(e idempotency.Event) {
-		attrs := []any{"instance", instance, "outcome", e.Outcome.String(), "method", e.Request.Method, "path", e.Request.URL.Path}
-		if e.Status != 0 {
-			attrs = append(attrs, "status", e.Status)
-		}
-		if e.StorageKey != "" {
-			attrs = append(attrs, "storage_key", e.StorageKey)
-		}
-		if e.Err != nil {
-			slog.Warn("idempotency", append(attrs, "err", e.Err)...)
-			return
-		}
-		slog.Info("idempotency", attrs...)
-	}
 }
 
 // newServer returns an http.Server for h with sensible timeouts.
