@@ -149,7 +149,7 @@ func (h *handler) claimFailed(w http.ResponseWriter, r *http.Request, skey, key 
 	}
 	// An unreadable record means the key was used: fail closed whatever
 	// FailOpen says.
-	if s.failOpen && !errors.Is(err, ErrCorruptRecord) {
+	if s.failOpen && !errors.Is(err, ErrCorruptRecord) && r.Context().Err() == nil {
 		s.observe(Event{Outcome: OutcomeStoreError, Request: r, StorageKey: skey, Err: err})
 		h.next.ServeHTTP(w, r.WithContext(&keyContext{Context: r.Context(), key: key}))
 		return
@@ -366,7 +366,13 @@ func (f *flight) reset() {
 // read, so the part of it the fingerprint needs is read ahead first.
 func (f *flight) beforeFinal() {
 	if f.bodyFP && f.r.ProtoMajor == 1 && !f.rec.fullDuplex() {
+		// Under the body's lock, as a Read from another goroutine of the
+		// handler would be. The writer's lock is held already: always
+		// writer, then body.
+		b := &f.ctx.view.b
+		b.mu.Lock()
 		f.fp.readAhead()
+		b.mu.Unlock()
 	}
 }
 
@@ -449,6 +455,14 @@ func (f *flight) finish(r *http.Request, took time.Duration) {
 	s := f.s
 	rec := &f.rec
 	status := rec.status()
+	if f.leaseLost {
+		// The handler was told, through ErrLeaseLost, that the key may be
+		// somebody else's: what it wrote is no result to replay. Give the
+		// claim back if it is still ours; never overwrite a new owner.
+		f.release()
+		s.observe(Event{Outcome: OutcomeReleased, Request: r, StorageKey: f.skey, Status: status, Duration: took, Detail: "lease lost"})
+		return
+	}
 	switch {
 	case rec.hijacked():
 		if !rec.wroteHeader() {

@@ -354,3 +354,45 @@ func TestUnreadableBodyFailsClosed(t *testing.T) {
 	assert.Equal(t, http.StatusUnprocessableEntity, send(&moreFailingBody{}))
 	assert.EqualValues(t, 1, runs.Load())
 }
+
+func TestLeaseLostResponseIsNotStored(t *testing.T) {
+	store := lcNewFaultStore()
+	store.setFail("extend", -1, errLcDown) // renewals never get through
+	var n atomic.Int64
+	s := lcStart(t, idempotency.Config{Store: store, LockTTL: 300 * time.Millisecond}, func(w http.ResponseWriter, r *http.Request) {
+		if n.Add(1) == 1 {
+			select {
+			case <-r.Context().Done(): // a careful handler stops, as documented
+				return
+			case <-time.After(5 * time.Second):
+			}
+		}
+		w.WriteHeader(http.StatusCreated)
+	})
+	first := lcDo(t, s.URL, http.MethodPost, "k", "{}")
+	assert.Equal(t, http.StatusOK, first.status, "what the stopped handler left behind")
+	assert.GreaterOrEqual(t, s.events.count(idempotency.OutcomeLeaseLost), 1)
+
+	// The store works again: the stopped handler's empty answer was not
+	// stored, and the retry runs.
+	store.setFail("extend", 0, nil)
+	r := lcDo(t, s.URL, http.MethodPost, "k", "{}")
+	assert.False(t, r.replayed(), "a response written after ErrLeaseLost must not be replayed")
+	assert.EqualValues(t, 2, s.runs.Load())
+}
+
+func TestFailOpenIgnoresClientHangUp(t *testing.T) {
+	s := lcStart(t, idempotency.Config{
+		Store:        lcHangingStore{idempotency.NewMemoryStore()},
+		StoreTimeout: 10 * time.Second,
+		FailOpen:     true,
+	}, lcCreated)
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, s.URL, nil)
+	req.Header.Set("Idempotency-Key", "k")
+	_, err := http.DefaultClient.Do(req)
+	require.Error(t, err)
+	time.Sleep(300 * time.Millisecond)
+	assert.Zero(t, s.runs.Load(), "a client that hung up during the claim is no store outage: nothing runs unprotected")
+}

@@ -455,8 +455,8 @@ func TestRedisIntegrationCrashedClaimTakenOver(t *testing.T) {
 }
 
 // redisIntStuckStore is a store whose lease renewals never reach Redis, as
-// when the owner is cut off from it, and that reports every Complete's
-// result on completed.
+// when the owner is cut off from it, and that reports the result of every
+// Complete or Release on completed.
 type redisIntStuckStore struct {
 	idempotency.Store
 	completed chan error
@@ -470,6 +470,12 @@ func (s *redisIntStuckStore) Extend(context.Context, string, string, time.Durati
 
 func (s *redisIntStuckStore) Complete(ctx context.Context, key, token string, rec *idempotency.Record, ttl time.Duration) error {
 	err := s.Store.Complete(ctx, key, token, rec, ttl)
+	s.completed <- err
+	return err
+}
+
+func (s *redisIntStuckStore) Release(ctx context.Context, key, token string) error {
+	err := s.Store.Release(ctx, key, token)
 	s.completed <- err
 	return err
 }
@@ -525,9 +531,11 @@ func TestRedisIntegrationLateCompletionRefused(t *testing.T) {
 
 		select {
 		case err := <-stuck.completed:
-			assert.ErrorIs(t, err, idempotency.ErrNotOwner, "the late completion is refused")
+			// Told its lease was lost, the old owner stores nothing and
+			// gives the claim back only if it is still its own: it is not.
+			assert.ErrorIs(t, err, idempotency.ErrNotOwner, "the late owner cannot touch the new owner's record")
 		case <-time.After(5 * time.Second):
-			t.Fatal("the old owner never tried to complete")
+			t.Fatal("the old owner never gave the claim back")
 		}
 		assert.Zero(t, old.events.count(idempotency.OutcomeExecuted))
 
