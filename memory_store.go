@@ -209,7 +209,17 @@ var (
 // record under key, as [Store] describes. A completed record is decoded
 // afresh for each call. Claim returns [ErrStoreFull] when key
 // is new and the store is at its cap even after removing expired records.
-func (s *MemoryStore) Claim(_ context.Context, key, token string, lease time.Duration) (*Record, error) {
+func (s *MemoryStore) Claim(ctx context.Context, key, token string, lease time.Duration) (*Record, error) {
+	rec, enc, err := s.claimEncoded(ctx, key, token, lease)
+	if enc != "" {
+		return redisDecodeRecord(enc)
+	}
+	return rec, err
+}
+
+// claimEncoded implements encodedStore: Claim, returning a completed record
+// as its encoding.
+func (s *MemoryStore) claimEncoded(_ context.Context, key, token string, lease time.Duration) (*Record, string, error) {
 	sh := s.shard(key)
 	swept := false
 	for {
@@ -220,12 +230,12 @@ func (s *MemoryStore) Claim(_ context.Context, key, token string, lease time.Dur
 			if e.live(now) && e.rec != "" {
 				enc := e.rec
 				sh.mu.Unlock()
-				return redisDecodeRecord(enc)
+				return nil, enc, nil
 			}
 			if e.live(now) && e.token != token {
 				owner, left := e.token, time.Duration(e.expires-now)
 				sh.mu.Unlock()
-				return &Record{State: StateInFlight, Token: owner, LeaseRemaining: left}, nil
+				return &Record{State: StateInFlight, Token: owner, LeaseRemaining: left}, "", nil
 			}
 			// Expired, or a claim re-sent by the owner: take it from now.
 			if e.token != token {
@@ -240,11 +250,11 @@ func (s *MemoryStore) Claim(_ context.Context, key, token string, lease time.Dur
 				swept = true
 				continue
 			}
-			return nil, ErrStoreFull
+			return nil, "", ErrStoreFull
 		}
 		s.sweepStep(sh, now)
 		sh.mu.Unlock()
-		return nil, nil
+		return nil, "", nil
 	}
 }
 
@@ -272,6 +282,18 @@ func (s *MemoryStore) Complete(_ context.Context, key, token string, rec *Record
 	if rec == nil {
 		panic("idempotency: Complete needs a non-nil record")
 	}
+	return s.complete(key, token, func() string { return redisEncodeRecord(token, rec) }, ttl)
+}
+
+// completeEncoded implements encodedStore: Complete for a record the
+// middleware encoded.
+func (s *MemoryStore) completeEncoded(_ context.Context, key, token string, enc []byte, ttl time.Duration) error {
+	return s.complete(key, token, func() string { return string(enc) }, ttl)
+}
+
+// complete stores the record that encode returns under the in-flight key
+// held by token, for ttl. encode runs only when the record is stored.
+func (s *MemoryStore) complete(key, token string, encode func() string, ttl time.Duration) error {
 	sh := s.shard(key)
 	now := s.clock()
 	sh.mu.Lock()
@@ -283,10 +305,7 @@ func (s *MemoryStore) Complete(_ context.Context, key, token string, rec *Record
 	if e.rec != "" {
 		return nil // completed by this token already
 	}
-	if rec.State != StateCompleted || rec.Token != token || rec.LeaseRemaining != 0 {
-		rec.State, rec.Token, rec.LeaseRemaining = StateCompleted, token, 0
-	}
-	e.rec = redisEncodeRecord(token, rec)
+	e.rec = encode()
 	e.expires = memAdd(now, ttl)
 	e.notify()
 	s.sweepStep(sh, now)

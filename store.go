@@ -169,3 +169,18 @@ type Watcher interface {
 	// owner's lease simply runs out: callers bound their wait.
 	Watch(key string) <-chan struct{}
 }
+
+// encodedStore is implemented by the stores of this package, which keep a
+// completed record in the compact encoding of the Redis store (see
+// redisEncodeRecord). The middleware hands them a record it encoded straight
+// from the recorder, and replays a record from its encoding, so neither a
+// first execution nor a replay builds a [Record] and its header map.
+type encodedStore interface {
+	// claimEncoded is Claim, except that a completed record comes back as
+	// its encoding, enc, with rec nil. An in-flight record comes back as
+	// rec; both are zero when the caller now holds the key.
+	claimEncoded(ctx context.Context, key, token string, lease time.Duration) (rec *Record, enc string, err error)
+	// completeEncoded is Complete for a record already encoded, completed
+	// by token. The store copies enc; the caller may reuse it on return.
+	completeEncoded(ctx context.Context, key, token string, enc []byte, ttl time.Duration) error
+}
