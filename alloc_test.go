@@ -29,10 +29,13 @@ func allocPerRequest(h http.Handler, method string, key func(i int) []string) fl
 	})
 }
 
-// TestAllocBudget holds the middleware to its allocation budget over the
-// bare handler, with the benchmarks' harness: nothing for a request it
-// passes through, at most 12 allocations for a first execution (the
-// record it stores included) and at most 6 for a replay.
+// TestAllocBudget holds the middleware to its allocations over the bare
+// handler, with the benchmarks' harness: nothing for a request it passes
+// through, 4 for a first execution (the handler's context, the request
+// copy that carries it, the storage key with the owner token, and the
+// record the store keeps) and 1 for a replay (the header values). The
+// issue's budgets are 12 and 6; these are what the code does, so that a
+// change that adds one is seen.
 func TestAllocBudget(t *testing.T) {
 	bare := http.HandlerFunc(benchHandler)
 	store := idempotency.NewMemoryStore()
@@ -51,8 +54,8 @@ func TestAllocBudget(t *testing.T) {
 		budget float64
 	}{
 		{"pass-through", http.MethodGet, func(int) []string { return fixed }, 0},
-		{"first", http.MethodPost, func(i int) []string { return fresh[i] }, 12},
-		{"replay", http.MethodPost, func(int) []string { return fixed }, 6},
+		{"first", http.MethodPost, func(i int) []string { return fresh[i] }, 4},
+		{"replay", http.MethodPost, func(int) []string { return fixed }, 1},
 		// Not budgeted: the problem response is rendered as JSON.
 		{"conflict", http.MethodPost, func(int) []string { return held }, -1},
 	}

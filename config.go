@@ -163,7 +163,8 @@ type settings struct {
 	requireKey   bool
 	methods      []string // nil: the default POST, PUT, PATCH
 	store        Store
-	boundedStore bool // calls can block: wrap them in StoreTimeout
+	encStore     encodedStore // store, when it is one of this package's
+	boundedStore bool         // calls can block: wrap them in StoreTimeout
 	keyScope     func(*http.Request) string
 	failOpen     bool
 	retryAfter   time.Duration
@@ -246,6 +247,15 @@ func newSettings(cfg Config) *settings {
 	// allocations. Any other store may wait on a network.
 	_, inMemory := s.store.(*MemoryStore)
 	s.boundedStore = !inMemory
+	// Only the stores themselves: a type that embeds one to change a
+	// method (a wrapper that counts calls or injects faults) would
+	// otherwise have its methods bypassed by the promoted encoded ones.
+	switch st := s.store.(type) {
+	case *MemoryStore:
+		s.encStore = st
+	case *RedisStore:
+		s.encStore = st
+	}
 	if s.shouldStore == nil {
 		s.shouldStore = DefaultShouldStore
 	}

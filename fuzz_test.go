@@ -329,7 +329,7 @@ func (r *fuzzRecordReader) bytes(max int) []byte {
 // decoded record compares equal.
 func fuzzRecordFrom(data []byte) (string, *Record) {
 	r := &fuzzRecordReader{p: data}
-	token := string(r.bytes(redisMaxTokenLen))
+	token := string(r.bytes(recordMaxTokenLen))
 	rec := &Record{State: StateCompleted, Token: token}
 	rec.Response.StatusCode = 200 + int(binary.BigEndian.Uint16([]byte{r.byte(), r.byte()}))%800
 	rec.Response.NotStored = string(r.bytes(16))
@@ -378,18 +378,18 @@ func FuzzRedisRecord(f *testing.F) {
 		{2, 2, 0},
 		{1, 3, 0},
 		{1, 2, 0, 0xc8, 0x01, 0, 0x80, 0x80, 0x80, 0x80, 0x10, 0x01},
-		[]byte(redisEncodeRecord("tok", full)),
-		[]byte(redisEncodeRecord("", notStored)),
-		[]byte(redisEncodeRecord("t", &Record{Response: Response{StatusCode: http.StatusNoContent}})),
+		[]byte(encodeRecord("tok", full)),
+		[]byte(encodeRecord("", notStored)),
+		[]byte(encodeRecord("t", &Record{Response: Response{StatusCode: http.StatusNoContent}})),
 	} {
 		f.Add(seed)
 	}
-	f.Add([]byte(redisEncodeRecord("tok", full)[:20]))
-	f.Add([]byte(redisEncodeRecord("tok", full) + "x"))
+	f.Add([]byte(encodeRecord("tok", full)[:20]))
+	f.Add([]byte(encodeRecord("tok", full) + "x"))
 
 	f.Fuzz(func(t *testing.T, data []byte) {
 		// Decode of arbitrary bytes.
-		rec, err := redisDecodeRecord(string(data))
+		rec, err := decodeRecord(string(data))
 		switch {
 		case err != nil && rec != nil:
 			t.Fatalf("decode returned both a record and %v", err)
@@ -400,7 +400,7 @@ func FuzzRedisRecord(f *testing.F) {
 		case rec == nil:
 			t.Fatal("decode returned neither a record nor an error")
 		case rec.State == StateInFlight:
-			if len(rec.Token) > redisMaxTokenLen || rec.LeaseRemaining < 0 {
+			if len(rec.Token) > recordMaxTokenLen || rec.LeaseRemaining < 0 {
 				t.Fatalf("in-flight record with token of %d bytes and lease %v", len(rec.Token), rec.LeaseRemaining)
 			}
 		case rec.State == StateCompleted:
@@ -411,7 +411,7 @@ func FuzzRedisRecord(f *testing.F) {
 			if s := rec.Response.StatusCode; s != http.StatusSwitchingProtocols && (s < 200 || s > 999) {
 				t.Fatalf("decode accepted a completed record with status %d", s)
 			}
-			again, err := redisDecodeRecord(string(redisEncodeRecord(rec.Token, rec)))
+			again, err := decodeRecord(string(encodeRecord(rec.Token, rec)))
 			if err != nil {
 				t.Fatalf("re-encoding a decoded record: %v", err)
 			}
@@ -422,8 +422,8 @@ func FuzzRedisRecord(f *testing.F) {
 
 		// Round trip of a record built from the input.
 		token, built := fuzzRecordFrom(data)
-		encoded := redisEncodeRecord(token, built)
-		got, err := redisDecodeRecord(string(encoded))
+		encoded := encodeRecord(token, built)
+		got, err := decodeRecord(string(encoded))
 		if err != nil {
 			t.Fatalf("decoding an encoded record: %v", err)
 		}
@@ -431,8 +431,8 @@ func FuzzRedisRecord(f *testing.F) {
 
 		// An in-flight value as the claim script stores and returns it.
 		lease := int64(binary.LittleEndian.Uint32(append(bytes.Clone(data), 0, 0, 0, 0)))
-		inFlight := string([]byte{redisRecordVersion, byte(StateInFlight), byte(len(token))}) + token + strconv.FormatInt(lease, 10)
-		got, err = redisDecodeRecord(inFlight)
+		inFlight := string([]byte{recordVersion, byte(StateInFlight), byte(len(token))}) + token + strconv.FormatInt(lease, 10)
+		got, err = decodeRecord(inFlight)
 		if err != nil {
 			t.Fatalf("decoding an in-flight record: %v", err)
 		}
@@ -464,8 +464,8 @@ func fuzzRecordEqual(t *testing.T, want, got *Record) {
 // by an implied 200.
 func TestRedisRecordDecodeRejectsImpossibleStatus(t *testing.T) {
 	for _, status := range []int{0, 1, 48, 99, 100, 103, 199, 1000, 4000} {
-		value := redisEncodeRecord("tok", &Record{Response: Response{StatusCode: status}})
-		rec, err := redisDecodeRecord(string(value))
+		value := encodeRecord("tok", &Record{Response: Response{StatusCode: status}})
+		rec, err := decodeRecord(string(value))
 		if err == nil {
 			t.Errorf("status %d: decoded as a record with status %d, want ErrCorruptRecord", status, rec.Response.StatusCode)
 			continue
@@ -475,8 +475,8 @@ func TestRedisRecordDecodeRejectsImpossibleStatus(t *testing.T) {
 		}
 	}
 	for _, status := range []int{101, 200, 204, 599, 999} {
-		value := redisEncodeRecord("tok", &Record{Response: Response{StatusCode: status}})
-		if _, err := redisDecodeRecord(string(value)); err != nil {
+		value := encodeRecord("tok", &Record{Response: Response{StatusCode: status}})
+		if _, err := decodeRecord(string(value)); err != nil {
 			t.Errorf("status %d: %v", status, err)
 		}
 	}
@@ -489,7 +489,7 @@ func TestRedisRecordDecodeHugeValueCountFailsFast(t *testing.T) {
 	value := "\x01\x02\x00\xc8\x01\ttoo large\x01\x01\bLocation\x9e\x9e\x9e\x9e\x9e\x01\x04/o/1\x00\x00"
 	done := make(chan error, 1)
 	go func() {
-		_, err := redisDecodeRecord(value)
+		_, err := decodeRecord(value)
 		done <- err
 	}()
 	select {
@@ -507,7 +507,7 @@ func TestRedisRecordDecodeHugeValueCountFailsFast(t *testing.T) {
 // into a negative lease.
 func TestRedisRecordDecodeLeaseNeverNegative(t *testing.T) {
 	for _, lease := range []string{"9223372036854775807", "99999999999999999", "9223372036854776"} {
-		rec, err := redisDecodeRecord("\x01\x01\x01t" + lease)
+		rec, err := decodeRecord("\x01\x01\x01t" + lease)
 		if err != nil {
 			if !errors.Is(err, ErrCorruptRecord) {
 				t.Errorf("lease %s: error %v does not wrap ErrCorruptRecord", lease, err)

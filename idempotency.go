@@ -1,7 +1,6 @@
 package idempotency
 
 import (
-	"bytes"
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
@@ -119,19 +118,36 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 	// 3. Claim the key, or get the record that is there, in one operation.
 	claimedAt := time.Now()
+	// A store of this package hands a completed record over encoded, and
+	// it is replayed in place.
+	var (
+		rec *Record
+		enc string
+	)
 	ctx, cancel := s.storeContext(r.Context())
-	rec, err := s.store.Claim(ctx, skey, token, s.lockTTL)
+	if s.encStore != nil {
+		rec, enc, err = s.encStore.claimEncoded(ctx, skey, token, s.lockTTL)
+	} else {
+		rec, err = s.store.Claim(ctx, skey, token, s.lockTTL)
+	}
 	cancel()
 	if s.wait > 0 && err == nil && rec != nil && rec.State == StateInFlight {
 		rec, claimedAt, err = s.awaitInFlight(r.Context(), skey, token, rec)
 	}
+	if err == nil && rec != nil && rec.State == StateCompleted {
+		enc = encodeRecord("", rec)
+	}
+	var rv recordView
+	if err == nil && enc != "" {
+		rv, err = viewRecord(enc)
+	}
 	switch {
 	case err != nil:
 		h.claimFailed(w, r, skey, key, err)
+	case enc != "":
+		h.replay(w, r, skey, &rv)
 	case rec == nil:
 		h.run(w, r, skey, key, token, claimedAt)
-	case rec.State == StateCompleted:
-		h.replay(w, r, skey, rec)
 	default:
 		s.conflict(w, r, skey, rec)
 	}
@@ -173,59 +189,62 @@ func (s *settings) conflict(w http.ResponseWriter, r *http.Request, skey string,
 
 // replay answers a request whose key is completed: the stored response, a
 // 422 when the request differs, or the not-stored problem.
-func (h *handler) replay(w http.ResponseWriter, r *http.Request, skey string, rec *Record) {
+func (h *handler) replay(w http.ResponseWriter, r *http.Request, skey string, rv *recordView) {
 	s := h.s
-	if len(rec.Fingerprint) > 0 && !s.fpDisabled {
-		if !s.matches(r, rec.Fingerprint) {
+	if len(rv.fingerprint) > 0 && !s.fpDisabled {
+		if !s.matches(r, rv.fingerprint) {
 			s.observe(Event{Outcome: OutcomeMismatch, Request: r, StorageKey: skey, Status: http.StatusUnprocessableEntity})
 			s.writeProblem(w, r, s.problem(ProblemKeyReused, http.StatusUnprocessableEntity,
 				"This "+s.headerName+" was already used for a different request"))
 			return
 		}
 	}
-	resp := &rec.Response
-	if resp.NotStored != "" {
-		s.observe(Event{Outcome: OutcomeNotStoredReplay, Request: r, StorageKey: skey, Status: http.StatusInternalServerError, Detail: resp.NotStored})
+	if rv.notStored != "" {
+		s.observe(Event{Outcome: OutcomeNotStoredReplay, Request: r, StorageKey: skey, Status: http.StatusInternalServerError, Detail: rv.notStored})
 		p := s.problem(ProblemNotStored, http.StatusInternalServerError,
-			"The original response was not stored ("+resp.NotStored+") and cannot be replayed")
-		p.OriginalStatus = resp.StatusCode
-		p.Location = resp.Header.Get("Location")
+			"The original response was not stored ("+rv.notStored+") and cannot be replayed")
+		p.OriginalStatus = rv.status
+		p.Location = rv.first("Location")
 		s.writeProblem(w, r, p)
 		return
 	}
-	s.observe(Event{Outcome: OutcomeReplayed, Request: r, StorageKey: skey, Status: resp.StatusCode})
-	writeStored(w, resp)
+	s.observe(Event{Outcome: OutcomeReplayed, Request: r, StorageKey: skey, Status: rv.status})
+	writeStored(w, rv)
 }
 
 // matches reports whether r has the fingerprint want. A body that cannot be
 // read does not match: a response is replayed only to a request known to be
 // the same.
-func (s *settings) matches(r *http.Request, want []byte) bool {
+func (s *settings) matches(r *http.Request, want string) bool {
 	if s.fingerprint != nil {
-		return bytes.Equal(s.fingerprint(r), want)
+		return string(s.fingerprint(r)) == want
 	}
 	got, ok := fingerprintRequest(r, s.fpLimit)
-	return ok && bytes.Equal(got[:], want)
+	return ok && string(got[:]) == want
 }
 
-// writeStored writes a stored response. The header values are copied into
-// one new backing array, so the writer never holds the record's slices.
-func writeStored(w http.ResponseWriter, resp *Response) {
+// writeStored writes a stored response. The header values are new slices,
+// one backing array for all, so the writer never holds a slice of the
+// record; the strings are the record's, which no one can change.
+func writeStored(w http.ResponseWriter, rv *recordView) {
 	h := w.Header()
-	n := 2
-	for _, vv := range resp.Header {
-		n += len(vv)
-	}
-	vals := make([]string, 0, n)
-	for k, vv := range resp.Header {
+	vals := make([]string, 0, rv.nValues+2)
+	c := rv.fields()
+	for {
+		name, n, ok := c.next()
+		if !ok {
+			break
+		}
 		i := len(vals)
-		vals = append(vals, vv...)
-		h[k] = vals[i:len(vals):len(vals)]
+		for range n {
+			vals = append(vals, c.value())
+		}
+		h[name] = vals[i:len(vals):len(vals)]
 	}
-	if bodyAllowed(resp.StatusCode) {
-		if cl := h["Content-Length"]; len(cl) != 1 || !isDecimal(cl[0], len(resp.Body)) {
+	if bodyAllowed(rv.status) {
+		if cl := h["Content-Length"]; len(cl) != 1 || !isDecimal(cl[0], len(rv.body)) {
 			i := len(vals)
-			vals = append(vals, strconv.Itoa(len(resp.Body)))
+			vals = append(vals, strconv.Itoa(len(rv.body)))
 			h["Content-Length"] = vals[i : i+1 : i+1]
 		}
 	} else {
@@ -234,9 +253,9 @@ func writeStored(w http.ResponseWriter, resp *Response) {
 	i := len(vals)
 	vals = append(vals, "true")
 	h[ReplayedHeader] = vals[i : i+1 : i+1]
-	w.WriteHeader(resp.StatusCode)
-	if len(resp.Body) > 0 && bodyAllowed(resp.StatusCode) {
-		_, _ = w.Write(resp.Body)
+	w.WriteHeader(rv.status)
+	if len(rv.body) > 0 && bodyAllowed(rv.status) {
+		_, _ = io.WriteString(w, rv.body)
 	}
 }
 
@@ -332,6 +351,12 @@ type flight struct {
 	bodyFP   bool
 	customFP []byte
 
+	// enc is the encoded record for the store; fpBuf and oneValue are room
+	// for its parts, so that building it allocates nothing.
+	enc      []byte
+	fpBuf    [sha256.Size + 1]byte
+	oneValue [1]string
+
 	beforeFinalFunc func() // f.beforeFinal, bound once
 
 	mu            sync.Mutex  // guards the fields below, and serialises renewals
@@ -358,6 +383,11 @@ func (f *flight) reset() {
 	f.rec.reset()
 	f.fp.reset()
 	f.bodyFP, f.customFP = false, nil
+	f.enc = f.enc[:0]
+	if cap(f.enc) > recMaxPooledBuf {
+		f.enc = nil
+	}
+	f.oneValue[0] = ""
 	f.leaseDeadline, f.leaseLost = time.Time{}, false
 }
 
@@ -475,102 +505,129 @@ func (f *flight) finish(r *http.Request, took time.Duration) {
 	case rec.overflowed():
 		f.completeNotStored(r, status, "too large", took)
 	default:
-		stored := &storedRecord{}
-		stored.Record = Record{
-			State: StateCompleted,
-			Token: f.token,
-			Response: Response{
-				StatusCode: status,
-				Header:     f.storableHeader(rec.snapshot(), status, len(rec.body())),
-				Body:       bytes.Clone(rec.body()),
-			},
-		}
-		f.setFingerprint(stored)
-		if f.complete(r, status, took, &stored.Record) {
+		f.enc = f.appendStored(f.enc[:0], status)
+		if f.complete(r, status, took) {
 			s.observe(Event{Outcome: OutcomeExecuted, Request: r, StorageKey: f.skey, Status: status, Duration: took})
 		}
 	}
 }
 
-// storedRecord lets a record and its default fingerprint share one
-// allocation.
-type storedRecord struct {
-	Record
-	fp [32]byte
-}
-
-func (f *flight) setFingerprint(stored *storedRecord) {
+// fingerprint returns the request's fingerprint as the record keeps it:
+// none, the custom one, or the default digest. It may alias f.
+func (f *flight) fingerprint() []byte {
 	switch {
 	case f.customFP != nil:
-		stored.Fingerprint = f.customFP
+		return f.customFP
 	case f.bodyFP:
 		sum, ok := f.fp.sum()
-		stored.fp = sum
-		stored.Fingerprint = stored.fp[:]
+		n := copy(f.fpBuf[:], sum[:])
 		if !ok {
 			// The body failed before its first bytes were all read: the
 			// request cannot be verified, so no retry may be taken for it.
 			// A fingerprint one byte longer than any digest never matches:
 			// retries get 422 rather than a response to a request that
 			// may not be theirs.
-			stored.Fingerprint = append(stored.fp[:], 0xff)
+			f.fpBuf[n] = 0xff
+			n++
 		}
+		return f.fpBuf[:n]
 	}
+	return nil
 }
 
-// storableHeader drops the headers that are never replayed from h (a
-// snapshot the recorder handed over) and records the exact Content-Length.
-func (f *flight) storableHeader(h http.Header, status, bodyLen int) http.Header {
+// appendStored appends the record of the response the recorder captured,
+// with final status, to dst. Its header is the snapshot taken when the
+// final header was written, without the headers that are never replayed,
+// with the exact Content-Length, and with the Content-Type net/http sniffed
+// when the handler set none.
+func (f *flight) appendStored(dst []byte, status int) []byte {
+	snap, body := f.rec.header(), f.rec.body()
+	noReplay := f.s.noReplay
+	keep := func(name string) bool { return name != "Content-Length" && !noReplay[name] }
+
 	// A handler that set no Content-Type got the one net/http sniffed from
 	// the first bytes it sent, or none when it flushed before writing any.
 	// The replay must not sniff the whole body instead.
-	_, haveType := h["Content-Type"]
-	_, haveTE := h["Transfer-Encoding"]
-	if !haveType && bodyLen > 0 && bodyAllowed(status) && h.Get("Content-Encoding") == "" {
-		if ctype, ok := f.rec.sniffedType(); ok && !haveTE {
-			h["Content-Type"] = []string{ctype}
-		} else {
-			h["Content-Type"] = nil // present and empty: nothing is sniffed
+	var ctype []string
+	_, haveType := snap.get("Content-Type")
+	_, haveTE := snap.get("Transfer-Encoding")
+	enc, _ := snap.get("Content-Encoding")
+	addType := !haveType && len(body) > 0 && bodyAllowed(status) && (len(enc) == 0 || enc[0] == "") && keep("Content-Type")
+	if addType {
+		if sniffed, ok := f.rec.sniffedType(); ok && !haveTE {
+			f.oneValue[0] = sniffed
+			ctype = f.oneValue[:]
 		}
+		// else present and empty: nothing is sniffed
 	}
-	for name := range h {
-		if f.s.noReplay[name] {
-			delete(h, name)
+
+	nNames, nValues := 1, 1 // Content-Length
+	if addType {
+		nNames, nValues = nNames+1, nValues+len(ctype)
+	}
+	snap.each(func(name string, values []string) {
+		if keep(name) {
+			nNames, nValues = nNames+1, nValues+len(values)
 		}
+	})
+	dst = appendRecordStart(dst, f.token, status, "", nNames, nValues)
+	snap.each(func(name string, values []string) {
+		if keep(name) {
+			dst = appendHeaderField(dst, name, values)
+		}
+	})
+	if addType {
+		dst = appendHeaderField(dst, "Content-Type", ctype)
 	}
-	h["Content-Length"] = []string{strconv.Itoa(bodyLen)}
-	return h
+	var digits [20]byte
+	length := strconv.AppendInt(digits[:0], int64(len(body)), 10)
+	dst = appendRecordString(dst, "Content-Length")
+	dst = append(dst, 1, byte(len(length))) // one value, of fewer than 128 bytes
+	dst = append(dst, length...)
+	return appendRecordEnd(dst, f.fingerprint(), body)
 }
 
 // completeNotStored completes the key with a terminal record: the response
 // went to the client but cannot be replayed.
 func (f *flight) completeNotStored(r *http.Request, status int, reason string, took time.Duration) {
-	stored := &storedRecord{}
-	stored.Record = Record{
-		State:    StateCompleted,
-		Token:    f.token,
-		Response: Response{StatusCode: status, NotStored: reason},
+	loc, _ := f.rec.header().get("Location")
+	if len(loc) > 0 {
+		f.enc = appendRecordStart(f.enc[:0], f.token, status, reason, 1, len(loc))
+		f.enc = appendHeaderField(f.enc, "Location", loc)
+	} else {
+		f.enc = appendRecordStart(f.enc[:0], f.token, status, reason, 0, 0)
 	}
-	if loc := f.rec.snapshot().Values("Location"); len(loc) > 0 {
-		stored.Response.Header = http.Header{"Location": loc}
-	}
-	f.setFingerprint(stored)
-	if f.complete(r, status, took, &stored.Record) {
+	f.enc = appendRecordEnd(f.enc, f.fingerprint(), nil)
+	if f.complete(r, status, took) {
 		f.s.observe(Event{Outcome: OutcomeNotStored, Request: r, StorageKey: f.skey, Status: status, Detail: reason, Duration: took})
 	}
 }
 
-// complete stores rec if this request still owns the key, retrying with
-// backoff while the lease lasts, so that a brief store outage does not turn
-// into a second execution. It reports whether the record was stored; when it
-// gives up on a store that keeps failing, it reports the response (of
-// status, from a handler that ran for took) as not stored.
-func (f *flight) complete(r *http.Request, status int, took time.Duration, rec *Record) bool {
+// complete stores the record in f.enc if this request still owns the key,
+// retrying with backoff while the lease lasts, so that a brief store outage
+// does not turn into a second execution. It reports whether the record was
+// stored; when it gives up on a store that keeps failing, it reports the
+// response (of status, from a handler that ran for took) as not stored.
+func (f *flight) complete(r *http.Request, status int, took time.Duration) bool {
 	s := f.s
+	var rec *Record
+	if s.encStore == nil {
+		// A store of its own: hand it a Record. The encoding was made
+		// above, so this cannot fail.
+		var err error
+		if rec, err = decodeRecord(string(f.enc)); err != nil {
+			panic("idempotency: a record just encoded does not decode: " + err.Error())
+		}
+	}
 	backoff := 10 * time.Millisecond
 	for {
 		ctx, cancel := s.detachedContext(f.detached, s.storeTimeout)
-		err := s.store.Complete(ctx, f.skey, f.token, rec, s.ttl)
+		var err error
+		if rec == nil {
+			err = s.encStore.completeEncoded(ctx, f.skey, f.token, f.enc, s.ttl)
+		} else {
+			err = s.store.Complete(ctx, f.skey, f.token, rec, s.ttl)
+		}
 		cancel()
 		switch {
 		case err == nil:

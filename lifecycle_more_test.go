@@ -396,3 +396,79 @@ func TestFailOpenIgnoresClientHangUp(t *testing.T) {
 	time.Sleep(300 * time.Millisecond)
 	assert.Zero(t, s.runs.Load(), "a client that hung up during the claim is no store outage: nothing runs unprotected")
 }
+
+// moreRecordingStore embeds a MemoryStore and overrides Claim and Complete:
+// the middleware must go through the overrides, not the embedded store's
+// own fast path.
+type moreRecordingStore struct {
+	*idempotency.MemoryStore
+	claims    atomic.Int64
+	completed atomic.Pointer[idempotency.Record]
+}
+
+func (s *moreRecordingStore) Claim(ctx context.Context, key, token string, lease time.Duration) (*idempotency.Record, error) {
+	s.claims.Add(1)
+	return s.MemoryStore.Claim(ctx, key, token, lease)
+}
+
+func (s *moreRecordingStore) Complete(ctx context.Context, key, token string, rec *idempotency.Record, ttl time.Duration) error {
+	s.completed.Store(rec)
+	return s.MemoryStore.Complete(ctx, key, token, rec, ttl)
+}
+
+func TestWrappedStoreMethodsAreCalled(t *testing.T) {
+	store := &moreRecordingStore{MemoryStore: idempotency.NewMemoryStore()}
+	s := lcStart(t, idempotency.Config{Store: store}, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		w.Header()["X-Multi"] = []string{"a, b", "c"}
+		w.Header().Set("Set-Cookie", "session=secret")
+		w.WriteHeader(http.StatusCreated)
+		_, _ = io.WriteString(w, `{"id":1}`)
+	})
+	first := lcDo(t, s.URL, http.MethodPost, "k", "{}")
+	require.Equal(t, http.StatusCreated, first.status)
+	again := lcDo(t, s.URL, http.MethodPost, "k", "{}")
+	assert.True(t, again.replayed())
+	assert.Equal(t, []string{"a, b", "c"}, again.header.Values("X-Multi"))
+	assert.EqualValues(t, 2, store.claims.Load(), "both claims went through the wrapper")
+
+	rec := store.completed.Load()
+	require.NotNil(t, rec, "the completion went through the wrapper")
+	assert.Equal(t, idempotency.StateCompleted, rec.State)
+	assert.NotEmpty(t, rec.Token)
+	assert.Equal(t, http.StatusCreated, rec.Response.StatusCode)
+	assert.Equal(t, `{"id":1}`, string(rec.Response.Body))
+	assert.Equal(t, http.Header{
+		"Content-Type":   {"application/json"},
+		"X-Multi":        {"a, b", "c"},
+		"Content-Length": {"8"},
+	}, rec.Response.Header, "never-replayed headers dropped, the exact length recorded")
+	assert.Len(t, rec.Fingerprint, sha256.Size)
+}
+
+// moreFixedStore answers every claim with one completed record.
+type moreFixedStore struct {
+	idempotency.Store
+	rec idempotency.Record
+}
+
+func (s moreFixedStore) Claim(context.Context, string, string, time.Duration) (*idempotency.Record, error) {
+	rec := s.rec
+	return &rec, nil
+}
+
+func TestImpossibleRecordFromCustomStoreFailsClosed(t *testing.T) {
+	for _, status := range []int{0, 42, 1000} {
+		t.Run(fmt.Sprint(status), func(t *testing.T) {
+			store := moreFixedStore{Store: idempotency.NewMemoryStore(), rec: idempotency.Record{
+				State:    idempotency.StateCompleted,
+				Response: idempotency.Response{StatusCode: status},
+			}}
+			s := lcStart(t, idempotency.Config{Store: store, FailOpen: true}, lcCreated)
+			r := lcDo(t, s.URL, http.MethodPost, "k", "{}")
+			assert.Equal(t, http.StatusServiceUnavailable, r.status, "a record that cannot be replayed fails closed, FailOpen or not")
+			assert.Zero(t, s.runs.Load())
+			assert.Equal(t, 1, s.events.count(idempotency.OutcomeStoreError))
+		})
+	}
+}

@@ -212,7 +212,7 @@ var (
 func (s *MemoryStore) Claim(ctx context.Context, key, token string, lease time.Duration) (*Record, error) {
 	rec, enc, err := s.claimEncoded(ctx, key, token, lease)
 	if enc != "" {
-		return redisDecodeRecord(enc)
+		return decodeRecord(enc)
 	}
 	return rec, err
 }
@@ -282,7 +282,7 @@ func (s *MemoryStore) Complete(_ context.Context, key, token string, rec *Record
 	if rec == nil {
 		panic("idempotency: Complete needs a non-nil record")
 	}
-	return s.complete(key, token, func() string { return redisEncodeRecord(token, rec) }, ttl)
+	return s.complete(key, token, func() string { return encodeRecord(token, rec) }, ttl)
 }
 
 // completeEncoded implements encodedStore: Complete for a record the
@@ -348,7 +348,7 @@ func (s *MemoryStore) Get(_ context.Context, key string) (*Record, error) {
 		if enc == "" {
 			return nil, nil
 		}
-		return redisDecodeRecord(enc)
+		return decodeRecord(enc)
 	}
 	owner, left := e.token, time.Duration(e.expires-now)
 	sh.mu.Unlock()

@@ -52,9 +52,9 @@ type recorder struct {
 	written int64 // body bytes that belong to the response so far
 	flushed int64 // written at the first flush, or -1: net/http sniffs at most that much
 
-	code int         // final status once wrote is set
-	hdr  http.Header // header snapshot taken when the final header was written
-	buf  []byte      // captured body, at most maxBody bytes
+	code int            // final status once wrote is set
+	snap headerSnapshot // the header as it was when the final header was written
+	buf  []byte         // captured body, at most maxBody bytes
 
 	wrote  bool // the final header went out
 	over   bool // more than maxBody bytes were written
@@ -75,7 +75,7 @@ func (rec *recorder) init(w http.ResponseWriter, maxBody int, beforeFinal func()
 	rec.written = 0
 	rec.flushed = -1
 	rec.code = 0
-	rec.hdr = nil
+	rec.snap.reset()
 	rec.buf = rec.buf[:0]
 	rec.wrote = false
 	rec.over = false
@@ -90,7 +90,9 @@ func (rec *recorder) reset() {
 	if cap(buf) > recMaxPooledBuf {
 		buf = nil
 	}
-	*rec = recorder{buf: buf}
+	snap := rec.snap
+	snap.reset()
+	*rec = recorder{buf: buf, snap: snap}
 }
 
 // status returns the final status: the one written, or 200 when the handler
@@ -102,15 +104,14 @@ func (rec *recorder) status() int {
 	return rec.code
 }
 
-// snapshot returns the header as it was when the final header was written,
-// or, when nothing was written, a copy of the header as it is now. The
-// result shares no slice with the wrapped writer's header; the caller may
-// keep and modify it.
-func (rec *recorder) snapshot() http.Header {
-	if rec.wrote {
-		return rec.hdr
+// header returns the header as it was when the final header was written,
+// or, when nothing was written, as it is now. It shares no slice with the
+// wrapped writer's header, and is valid until the next init or reset.
+func (rec *recorder) header() *headerSnapshot {
+	if !rec.wrote {
+		rec.snap.take(rec.w.Header())
 	}
-	return recCloneHeader(rec.w.Header())
+	return &rec.snap
 }
 
 // body returns the captured body. It aliases rec's buffer: a caller that
@@ -176,7 +177,7 @@ func (rec *recorder) WriteHeader(code int) {
 func (rec *recorder) writeFinal(code int) {
 	rec.runBeforeFinal()
 	h := rec.w.Header()
-	rec.hdr = recCloneHeader(h)
+	rec.snap.take(h)
 	rec.declLen = -1
 	if cl := h["Content-Length"]; len(cl) > 0 {
 		// As net/http does, an unparsable value declares nothing.
@@ -353,11 +354,66 @@ func recBodyAllowed(code int) bool {
 	return true
 }
 
-// recCloneHeader returns an exact copy of h that shares no slice with it,
-// never nil.
-func recCloneHeader(h http.Header) http.Header {
-	if h == nil {
-		return http.Header{}
+// headerSnapshot is a copy of a header map as it was at one moment: its
+// fields in the map's order, and all their values in one slice. It shares
+// the map's strings but none of its slices, so later changes to the map do
+// not reach it. It is kept with the recorder from request to request, so
+// taking one allocates nothing once its slices have grown.
+type headerSnapshot struct {
+	fields []snapField
+	values []string
+}
+
+// snapField is one field of a headerSnapshot: its name and how many of the
+// snapshot's values, following those of the fields before it, are its.
+type snapField struct {
+	name   string
+	values int
+}
+
+// snapMaxPooled is the most fields or values a snapshot keeps room for
+// between requests.
+const snapMaxPooled = 256
+
+// take replaces the snapshot with a copy of h.
+func (s *headerSnapshot) take(h http.Header) {
+	s.reset()
+	for name, values := range h {
+		s.fields = append(s.fields, snapField{name: name, values: len(values)})
+		s.values = append(s.values, values...)
 	}
-	return h.Clone()
+}
+
+// reset empties the snapshot and drops its references to strings, keeping
+// the room of small slices.
+func (s *headerSnapshot) reset() {
+	clear(s.fields)
+	clear(s.values)
+	s.fields, s.values = s.fields[:0], s.values[:0]
+	if cap(s.fields) > snapMaxPooled || cap(s.values) > snapMaxPooled {
+		*s = headerSnapshot{}
+	}
+}
+
+// each calls fn for each field, with its values, in order; the values
+// slice aliases the snapshot.
+func (s *headerSnapshot) each(fn func(name string, values []string)) {
+	off := 0
+	for _, f := range s.fields {
+		fn(f.name, s.values[off:off+f.values:off+f.values])
+		off += f.values
+	}
+}
+
+// get returns the values of the field named exactly name, and whether the
+// snapshot has it (possibly with no values). The values alias the snapshot.
+func (s *headerSnapshot) get(name string) ([]string, bool) {
+	off := 0
+	for _, f := range s.fields {
+		if f.name == name {
+			return s.values[off : off+f.values : off+f.values], true
+		}
+		off += f.values
+	}
+	return nil, false
 }

@@ -12,7 +12,7 @@ import (
 // redisInFlightReply builds an in-flight record as the claim and get
 // scripts return it: the value they store, then the lease in decimal.
 func redisInFlightReply(token string, leaseMillis int64) string {
-	return string([]byte{redisRecordVersion, byte(StateInFlight), byte(len(token))}) + token +
+	return string([]byte{recordVersion, byte(StateInFlight), byte(len(token))}) + token +
 		strconv.FormatInt(leaseMillis, 10)
 }
 
@@ -62,16 +62,16 @@ func TestRedisRecordRoundTrip(t *testing.T) {
 		},
 		{
 			name:  "longest token, large body",
-			token: string(make([]byte, redisMaxTokenLen)),
+			token: string(make([]byte, recordMaxTokenLen)),
 			rec:   Record{Response: Response{StatusCode: http.StatusOK, Body: make([]byte, 1<<20)}},
 		},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			encoded := redisEncodeRecord(tt.token, &tt.rec)
+			encoded := encodeRecord(tt.token, &tt.rec)
 			assert.NotEmpty(t, encoded)
 
-			got, err := redisDecodeRecord(string(encoded))
+			got, err := decodeRecord(string(encoded))
 			require.NoError(t, err)
 			want := tt.rec
 			want.State = StateCompleted
@@ -83,9 +83,9 @@ func TestRedisRecordRoundTrip(t *testing.T) {
 
 func TestRedisRecordBodyIsRaw(t *testing.T) {
 	body := []byte("\x00raw body bytes\xff")
-	encoded := redisEncodeRecord("tok", &Record{Response: Response{StatusCode: 200, Body: body}})
+	encoded := encodeRecord("tok", &Record{Response: Response{StatusCode: 200, Body: body}})
 	assert.Equal(t, string(body), encoded[len(encoded)-len(body):], "the body ends the value byte for byte")
-	assert.Equal(t, string([]byte{redisRecordVersion, byte(StateCompleted), 3, 't', 'o', 'k'}), encoded[:6],
+	assert.Equal(t, string([]byte{recordVersion, byte(StateCompleted), 3, 't', 'o', 'k'}), encoded[:6],
 		"the fixed header leads the value")
 }
 
@@ -101,7 +101,7 @@ func TestRedisRecordDecodeInFlight(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			got, err := redisDecodeRecord(tt.reply)
+			got, err := decodeRecord(tt.reply)
 			require.NoError(t, err)
 			assert.Equal(t, tt.want, got)
 		})
@@ -109,7 +109,7 @@ func TestRedisRecordDecodeInFlight(t *testing.T) {
 }
 
 func TestRedisRecordDecodeCorrupt(t *testing.T) {
-	good := string(redisEncodeRecord("tok", &Record{
+	good := string(encodeRecord("tok", &Record{
 		Fingerprint: []byte("fp"),
 		Response: Response{
 			StatusCode: 200,
@@ -135,7 +135,7 @@ func TestRedisRecordDecodeCorrupt(t *testing.T) {
 	}
 	for name, value := range tests {
 		t.Run(name, func(t *testing.T) {
-			rec, err := redisDecodeRecord(value)
+			rec, err := decodeRecord(value)
 			require.ErrorIs(t, err, ErrCorruptRecord)
 			assert.Nil(t, rec)
 		})
@@ -143,7 +143,7 @@ func TestRedisRecordDecodeCorrupt(t *testing.T) {
 }
 
 func TestRedisRecordDecodeAllocations(t *testing.T) {
-	encoded := string(redisEncodeRecord("0123456789abcdef0123456789abcdef", &Record{
+	encoded := string(encodeRecord("0123456789abcdef0123456789abcdef", &Record{
 		Fingerprint: make([]byte, 32),
 		Response: Response{
 			StatusCode: 201,
@@ -156,7 +156,7 @@ func TestRedisRecordDecodeAllocations(t *testing.T) {
 		},
 	}))
 	allocs := testing.AllocsPerRun(100, func() {
-		if _, err := redisDecodeRecord(encoded); err != nil {
+		if _, err := decodeRecord(encoded); err != nil {
 			t.Fatal(err)
 		}
 	})

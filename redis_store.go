@@ -3,13 +3,8 @@ package idempotency
 import (
 	"context"
 	_ "embed"
-	"encoding/binary"
 	"errors"
 	"fmt"
-	"math"
-	"net/http"
-	"strconv"
-	"strings"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -105,17 +100,35 @@ func NewRedisStore(client redis.UniversalClient, opts ...RedisOption) *RedisStor
 
 // Claim implements [Store.Claim] with one script run.
 func (s *RedisStore) Claim(ctx context.Context, key, token string, lease time.Duration) (*Record, error) {
+	rec, enc, err := s.claimEncoded(ctx, key, token, lease)
+	if enc != "" {
+		return decodeRecord(enc)
+	}
+	return rec, err
+}
+
+// claimEncoded implements encodedStore: Claim, returning a completed record
+// as its encoding, unchecked (the caller reads it with viewRecord).
+func (s *RedisStore) claimEncoded(ctx context.Context, key, token string, lease time.Duration) (*Record, string, error) {
 	if err := redisCheckToken(token); err != nil {
-		return nil, err
+		return nil, "", err
 	}
 	v, err := redisClaimScript.Run(ctx, s.client, []string{s.prefix + key}, token, redisMillis(lease)).Result()
 	if err != nil {
-		return nil, fmt.Errorf("idempotency: redis claim: %w", err)
+		return nil, "", fmt.Errorf("idempotency: redis claim: %w", err)
 	}
 	if _, claimed := v.(int64); claimed {
-		return nil, nil
+		return nil, "", nil
 	}
-	return redisDecodeReply(v)
+	enc, ok := v.(string)
+	if !ok {
+		return nil, "", fmt.Errorf("idempotency: redis store: unexpected script reply of type %T", v)
+	}
+	if len(enc) >= recordHeaderLen && State(enc[1]) == StateCompleted {
+		return nil, enc, nil
+	}
+	rec, err := decodeRecord(enc)
+	return rec, "", err
 }
 
 // Extend implements [Store.Extend] with one script run.
@@ -132,7 +145,20 @@ func (s *RedisStore) Complete(ctx context.Context, key, token string, rec *Recor
 	if err := redisCheckToken(token); err != nil {
 		return err
 	}
-	value := redisEncodeRecord(token, rec)
+	return s.complete(ctx, key, token, encodeRecord(token, rec), ttl)
+}
+
+// completeEncoded implements encodedStore: Complete for a record the
+// middleware encoded.
+func (s *RedisStore) completeEncoded(ctx context.Context, key, token string, enc []byte, ttl time.Duration) error {
+	if err := redisCheckToken(token); err != nil {
+		return err
+	}
+	return s.complete(ctx, key, token, enc, ttl)
+}
+
+// complete runs the complete script with value, a string or a byte slice.
+func (s *RedisStore) complete(ctx context.Context, key, token string, value any, ttl time.Duration) error {
 	n, err := redisCompleteScript.Run(ctx, s.client, []string{s.prefix + key}, token, value, redisMillis(ttl)).Int64()
 	if err != nil {
 		return fmt.Errorf("idempotency: redis complete: %w", err)
@@ -178,8 +204,8 @@ func redisMillis(d time.Duration) int64 {
 
 // redisCheckToken reports a token the record header cannot hold.
 func redisCheckToken(token string) error {
-	if len(token) > redisMaxTokenLen {
-		return fmt.Errorf("idempotency: redis store: token of %d bytes is longer than %d", len(token), redisMaxTokenLen)
+	if len(token) > recordMaxTokenLen {
+		return fmt.Errorf("idempotency: redis store: token of %d bytes is longer than %d", len(token), recordMaxTokenLen)
 	}
 	return nil
 }
@@ -201,277 +227,5 @@ func redisDecodeReply(v any) (*Record, error) {
 	if !ok {
 		return nil, fmt.Errorf("idempotency: redis store: unexpected script reply of type %T", v)
 	}
-	return redisDecodeRecord(s)
-}
-
-// The record encoding, version 1. Every value starts with a fixed header
-// that the scripts read without decoding the rest:
-//
-//	version   1 byte, redisRecordVersion
-//	state     1 byte, StateInFlight or StateCompleted
-//	token     1 byte length n, then n bytes
-//
-// An in-flight record ends there. A completed record goes on with its
-// payload, where every number is an unsigned varint and every string or
-// byte slice is its varint length followed by its bytes:
-//
-//	status code
-//	not-stored reason
-//	header names count, header values count (all names together)
-//	per name: name, values count, values (in order)
-//	fingerprint
-//	body, which ends the value
-//
-// The strings come before the byte slices, so that a decoder can copy the
-// fingerprint and the body into one slice.
-const (
-	redisRecordVersion = 1
-	redisHeaderLen     = 3
-	redisMaxTokenLen   = 255
-)
-
-// redisEncodeRecord encodes rec, completed by token, in one allocation.
-func redisEncodeRecord(token string, rec *Record) string {
-	r := &rec.Response
-	nValues := 0
-	size := redisHeaderLen + len(token) +
-		redisUvarintLen(uint64(r.StatusCode)) +
-		redisBytesLen(len(r.NotStored)) +
-		redisUvarintLen(uint64(len(r.Header)))
-	for name, values := range r.Header {
-		nValues += len(values)
-		size += redisBytesLen(len(name)) + redisUvarintLen(uint64(len(values)))
-		for _, v := range values {
-			size += redisBytesLen(len(v))
-		}
-	}
-	size += redisUvarintLen(uint64(nValues)) +
-		redisBytesLen(len(rec.Fingerprint)) +
-		redisBytesLen(len(r.Body))
-
-	var b strings.Builder
-	b.Grow(size)
-	b.WriteByte(redisRecordVersion)
-	b.WriteByte(byte(StateCompleted))
-	b.WriteByte(byte(len(token)))
-	b.WriteString(token)
-	redisWriteUvarint(&b, uint64(r.StatusCode))
-	redisWriteString(&b, r.NotStored)
-	redisWriteUvarint(&b, uint64(len(r.Header)))
-	redisWriteUvarint(&b, uint64(nValues))
-	for name, values := range r.Header {
-		redisWriteString(&b, name)
-		redisWriteUvarint(&b, uint64(len(values)))
-		for _, v := range values {
-			redisWriteString(&b, v)
-		}
-	}
-	redisWriteUvarint(&b, uint64(len(rec.Fingerprint)))
-	b.Write(rec.Fingerprint)
-	redisWriteUvarint(&b, uint64(len(r.Body)))
-	b.Write(r.Body)
-	return b.String()
-}
-
-func redisWriteUvarint(b *strings.Builder, x uint64) {
-	var buf [binary.MaxVarintLen64]byte
-	b.Write(binary.AppendUvarint(buf[:0], x))
-}
-
-func redisWriteString(b *strings.Builder, s string) {
-	redisWriteUvarint(b, uint64(len(s)))
-	b.WriteString(s)
-}
-
-func redisUvarintLen(x uint64) int {
-	n := 1
-	for x >= 0x80 {
-		x >>= 7
-		n++
-	}
-	return n
-}
-
-func redisBytesLen(n int) int {
-	return redisUvarintLen(uint64(n)) + n
-}
-
-// redisDecodeRecord decodes a record as the claim and get scripts return
-// it: the value, followed for an in-flight record by its remaining lease in
-// milliseconds, in decimal. Every error wraps ErrCorruptRecord.
-//
-// It allocates the record, the header map, one slice for all header
-// values, and one byte slice that the fingerprint and the body share; the
-// strings of the record are substrings of v.
-func redisDecodeRecord(v string) (*Record, error) {
-	if len(v) < redisHeaderLen {
-		return nil, redisCorrupt("value of %d bytes is shorter than the record header", len(v))
-	}
-	if v[0] != redisRecordVersion {
-		return nil, redisCorrupt("unknown version %d", v[0])
-	}
-	state := State(v[1])
-	tokenEnd := redisHeaderLen + int(v[2])
-	if tokenEnd > len(v) {
-		return nil, redisCorrupt("truncated token")
-	}
-	switch state {
-	case StateInFlight:
-		// The script appended the lease; a PTTL of -1 (no expiry, which
-		// this store never sets) reads as "cannot tell".
-		rest := v[tokenEnd:]
-		ms, err := strconv.ParseInt(rest, 10, 64)
-		if err != nil || ms > int64(math.MaxInt64/time.Millisecond) {
-			return nil, redisCorrupt("in-flight record followed by %d bytes that are not its lease", len(rest))
-		}
-		rec := &Record{State: StateInFlight, Token: v[redisHeaderLen:tokenEnd]}
-		if ms > 0 {
-			rec.LeaseRemaining = time.Duration(ms) * time.Millisecond
-		}
-		return rec, nil
-	case StateCompleted:
-		return redisDecodeCompleted(v, tokenEnd)
-	}
-	return nil, redisCorrupt("unknown state %d", v[1])
-}
-
-// redisDecodeCompleted decodes the payload of a completed record v whose
-// token ends at tokenEnd.
-func redisDecodeCompleted(v string, tokenEnd int) (*Record, error) {
-	d := redisDecoder{s: v, off: tokenEnd}
-	status := d.uvarint()
-	notStoredStart, notStoredEnd := d.span()
-	nNames := d.uvarint()
-	nValues := d.uvarint()
-	if d.err != nil {
-		return nil, d.err
-	}
-	// Every name and value takes at least one byte: counts larger than
-	// what is left are corrupt, and must not size an allocation.
-	if nNames > uint64(len(v)-d.off) || nValues > uint64(len(v)-d.off) ||
-		status > 999 || (status < 200 && status != http.StatusSwitchingProtocols) {
-		return nil, redisCorrupt("implausible counts")
-	}
-
-	// First pass: validate the header section and find where it ends.
-	headerStart := d.off
-	var seen uint64
-	for range nNames {
-		d.span()
-		n := d.uvarint()
-		if d.err == nil && n > uint64(len(v)-d.off) {
-			return nil, redisCorrupt("implausible counts")
-		}
-		for range n {
-			if d.span(); d.err != nil {
-				return nil, d.err
-			}
-		}
-		seen += n
-		if d.err != nil {
-			return nil, d.err
-		}
-	}
-	if seen != nValues {
-		return nil, redisCorrupt("header value count mismatch")
-	}
-	fpStart, fpEnd := d.span()
-	bodyStart, bodyEnd := d.span()
-	if d.err != nil {
-		return nil, d.err
-	}
-	if bodyEnd != len(v) {
-		return nil, redisCorrupt("%d bytes after the body", len(v)-bodyEnd)
-	}
-
-	// The token, the not-stored reason and the header names and values
-	// are substrings of v, which the record keeps alive while it lives.
-	rec := &Record{
-		State: StateCompleted,
-		Token: v[redisHeaderLen:tokenEnd],
-		Response: Response{
-			StatusCode: int(status),
-			NotStored:  v[notStoredStart:notStoredEnd],
-		},
-	}
-	if nNames > 0 {
-		h := make(http.Header, nNames)
-		all := make([]string, nValues)
-		d.off = headerStart
-		for range nNames {
-			ns, ne := d.span()
-			n := int(d.uvarint())
-			values := all[:n:n]
-			all = all[n:]
-			for i := range values {
-				vs, ve := d.span()
-				values[i] = v[vs:ve]
-			}
-			h[v[ns:ne]] = values
-		}
-		rec.Response.Header = h
-	}
-	if n := bodyEnd - fpStart; fpEnd > fpStart || bodyEnd > bodyStart {
-		// One slice for the fingerprint and the body, without the body's
-		// length prefix between them.
-		buf := make([]byte, 0, n)
-		buf = append(buf, v[fpStart:fpEnd]...)
-		buf = append(buf, v[bodyStart:bodyEnd]...)
-		fpLen := fpEnd - fpStart
-		if fpLen > 0 {
-			rec.Fingerprint = buf[:fpLen:fpLen]
-		}
-		if len(buf) > fpLen {
-			rec.Response.Body = buf[fpLen:]
-		}
-	}
-	return rec, nil
-}
-
-// redisDecoder reads varints and length-prefixed spans from s; the first
-// error sticks and makes every later read return zero.
-type redisDecoder struct {
-	s   string
-	off int
-	err error
-}
-
-func (d *redisDecoder) uvarint() uint64 {
-	if d.err != nil {
-		return 0
-	}
-	var x uint64
-	for shift := uint(0); shift < 64; shift += 7 {
-		if d.off >= len(d.s) {
-			d.err = redisCorrupt("truncated value")
-			return 0
-		}
-		c := d.s[d.off]
-		d.off++
-		if c < 0x80 {
-			return x | uint64(c)<<shift
-		}
-		x |= uint64(c&0x7f) << shift
-	}
-	d.err = redisCorrupt("varint overflows")
-	return 0
-}
-
-// span reads a length and returns the offsets of the bytes it announces.
-func (d *redisDecoder) span() (start, end int) {
-	n := d.uvarint()
-	if d.err != nil {
-		return d.off, d.off
-	}
-	if n > uint64(len(d.s)-d.off) {
-		d.err = redisCorrupt("truncated value")
-		return d.off, d.off
-	}
-	start = d.off
-	d.off += int(n)
-	return start, d.off
-}
-
-func redisCorrupt(format string, args ...any) error {
-	return fmt.Errorf("%w: %s", ErrCorruptRecord, fmt.Sprintf(format, args...))
+	return decodeRecord(s)
 }

@@ -172,7 +172,7 @@ type Watcher interface {
 
 // encodedStore is implemented by the stores of this package, which keep a
 // completed record in the compact encoding of the Redis store (see
-// redisEncodeRecord). The middleware hands them a record it encoded straight
+// encodeRecord). The middleware hands them a record it encoded straight
 // from the recorder, and replays a record from its encoding, so neither a
 // first execution nor a replay builds a [Record] and its header map.
 type encodedStore interface {
