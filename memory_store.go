@@ -2,6 +2,9 @@ package idempotency
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/binary"
+	"fmt"
 	"hash/maphash"
 	"math"
 	"slices"
@@ -28,6 +31,12 @@ const (
 	// rebuilt to return memory.
 	memShrinkMin = 256
 
+	// memKeepEmpty is the largest peak at which a shard that empties keeps
+	// its memory: one group of its index map. A quiet store, whose shards
+	// hold a record or two at a time, then allocates nothing to claim and
+	// release.
+	memKeepEmpty = 8
+
 	// memFullSweepCost bounds how often a store at its cap sweeps all its
 	// records: at most once per this much time per record held, so that
 	// a flood of claims at the cap costs O(1) per request, amortised.
@@ -35,6 +44,11 @@ const (
 
 	// memDefaultMaxEntries is the default cap on records.
 	memDefaultMaxEntries = 1_000_000
+
+	// memShardMax is the most records one shard holds: its index stores
+	// positions as int32. A shard that reaches it refuses new keys like a
+	// store at its cap; it would take 128 GiB of entries alone.
+	memShardMax = math.MaxInt32
 )
 
 // MemoryStore is a [Store] that keeps records in the memory of one process.
@@ -60,6 +74,11 @@ const (
 // methods. It keeps a completed record in a compact encoding (one string,
 // the Redis store's format), about a third of the heap of a [Record] and its
 // header map, and decodes a fresh copy for each Claim or Get.
+//
+// Each record held costs the garbage collector one pointer, to that string
+// or, while the key is in flight, to the owner's token. The index by key
+// holds no pointer at all, so the collector never scans it. The work of
+// every collection grows with the records held; this keeps it small.
 type MemoryStore struct {
 	shards [memShardCount]memShard
 
@@ -90,45 +109,140 @@ type MemoryStore struct {
 // sweep walks memory in order without hashing, and a removal moves the last
 // record into the hole.
 type memShard struct {
-	mu      sync.Mutex
-	index   map[string]int // key → position in entries; nil until used
+	mu sync.Mutex
+	// index maps a key to its record's position in entries; nil until
+	// used. Neither its keys nor its values hold a pointer, so the garbage
+	// collector never scans it: a map[string]int would have it read every
+	// key of every record at each collection.
+	index   map[memKey]int32
 	entries []memEntry
+	// watchers holds the channels Watch handed out, by key, each closed
+	// and removed when the claim on its key ends. Watching is rare (only
+	// requests that wait for an in-flight key), so the map is nil, and
+	// costs a write nothing but a length check, until somebody watches;
+	// it is dropped again when it empties, since Go maps never shrink.
+	watchers map[memKey]chan struct{}
 	// hand is where the inline sweep examines records next.
 	hand int
 	// peak is the largest len(entries) since the shard was last rebuilt.
 	// Go maps never give memory back, so a shard that shrank far below its
-	// peak copies its records into a new map and slice.
+	// peak copies its records into a new map and slice, and one that
+	// empties drops both.
 	peak int
-	_    [8]byte // pads the shard to a cache line of its own
+	// The fields above fill a cache line (64 bytes on 64-bit platforms),
+	// so shards locked by different goroutines do not share one.
 }
 
-// memEntry is a record as a [MemoryStore] holds it.
+// memKey is a key as a [MemoryStore] indexes it: a tag byte and 32 bytes,
+// with no pointer, so that the index costs the garbage collector nothing.
+//
+// The middleware's keys are 64 lowercase hex characters (a hex SHA-256, see
+// [StorageKey]); they are decoded (tag memKeyHex), which is exact and
+// cheap. Any other string, such as a key a caller of the [Store] methods
+// made up, is replaced by its SHA-256 (tag memKeyHashed). The tags keep the
+// two kinds apart: the hex of a SHA-256 and the key it was taken of are two
+// keys, as are a hex key in upper and in lower case. Two hashed keys meet
+// only if SHA-256 collides.
+type memKey [1 + sha256.Size]byte
+
+// The tags of a [memKey], in its first byte.
+const (
+	memKeyHex    = 1 // the rest is the decoded hex of the key
+	memKeyHashed = 2 // the rest is the SHA-256 of the key
+)
+
+// memKeyOf returns the index key of key.
+func memKeyOf(key string) memKey {
+	var k memKey
+	if len(key) == 2*sha256.Size && memDecodeHex(&k, key) {
+		k[0] = memKeyHex
+		return k
+	}
+	k[0] = memKeyHashed
+	var sum [sha256.Size]byte
+	var buf [256]byte
+	if len(key) <= len(buf) {
+		// Hash a copy on the stack: converting a string longer than the
+		// compiler's own 32-byte buffer to []byte would allocate.
+		sum = sha256.Sum256(buf[:copy(buf[:], key)])
+	} else {
+		sum = sha256.Sum256([]byte(key))
+	}
+	copy(k[1:], sum[:])
+	return k
+}
+
+// memDecodeHex decodes the 64 characters of key into k[1:] and reports
+// whether they all were lowercase hex digits. Upper case is refused, so that
+// the two spellings of a hex key, which are different strings, stay
+// different keys.
+//
+// It decodes eight digits at a time in a uint64, with no branch on their
+// values. The middleware's keys are random, so a loop that branched on
+// each digit being a letter or not would mispredict on about one digit in
+// three: such a loop took ten times as long as this one on a varied set of
+// keys (260ns against 26ns), which a benchmark of one key repeated hides.
+func memDecodeHex(k *memKey, key string) bool {
+	const (
+		ones  = 0x0101010101010101
+		highs = 0x8080808080808080 // the high bit of every byte
+	)
+	var buf [2 * sha256.Size]byte
+	copy(buf[:], key)
+	var bad uint64
+	for i := range len(buf) / 8 {
+		x := binary.LittleEndian.Uint64(buf[8*i:])
+		// For bytes below 0x80, x + (0x80-lo) sets a byte's high bit when
+		// it is at least lo, and x + (0x7f-hi) when it is above hi, with
+		// no carry into the next byte. A byte from 0x80 up, whose sums may
+		// carry, has its high bit set in x: the key is refused, whatever
+		// the next byte then seems to be.
+		digit := (x + (0x80-'0')*ones) &^ (x + (0x7f-'9')*ones)
+		lower := (x + (0x80-'a')*ones) &^ (x + (0x7f-'f')*ones)
+		bad |= x | ^(digit | lower)
+		// The value of each digit: its low four bits, plus 9 for a letter
+		// ('a' is 0x61). Then pack the pairs: the first digit of each is
+		// the high half of its byte, and the bytes close up.
+		v := x&(0x0f*ones) + (lower&highs)>>7*9
+		w := (v<<4 | v>>8) & 0x00ff00ff00ff00ff
+		w = (w | w>>8) & 0x0000ffff0000ffff
+		w = (w | w>>16) & 0x00000000ffffffff
+		binary.LittleEndian.PutUint32(k[1+4*i:], uint32(w))
+	}
+	return bad&highs == 0
+}
+
+// memEntry is a record as a [MemoryStore] holds it, in 64 bytes of which
+// only val is a pointer.
 type memEntry struct {
-	key string
-	// token is the owner token of the claim.
-	token string
-	// rec is the completed record in the compact encoding of the Redis
-	// store (one string, about a third of the heap of a *Record and its
-	// header map); "" while the key is in flight.
-	rec string
+	// val is the owner's token while the key is in flight, and the record
+	// in the record encoding (see encodeRecord) once it is completed. That
+	// encoding begins with the token that completed the key, so the token
+	// is read from there, as the Redis store's scripts read it, rather
+	// than kept twice: that saves its bytes on every record, and spares
+	// Complete a second allocation to join the token and the encoding.
+	val string
 	// expires is the store time, in nanoseconds since the store's epoch,
 	// at which the lease (in flight) or the TTL (completed) runs out.
 	expires int64
-	// changed, made on the first Watch of an in-flight key, is closed when
-	// the claim ends: completed, released, deleted, swept or taken over.
-	changed chan struct{}
-}
-
-// notify wakes the watchers of e, if any. The shard's lock must be held.
-func (e *memEntry) notify() {
-	if e.changed != nil {
-		close(e.changed)
-		e.changed = nil
-	}
+	// key is the record's key in the shard's index, kept so that a removal
+	// can update the index for the record moved into the hole.
+	key memKey
+	// done is set once the key is completed: val is then the record.
+	done bool
 }
 
 // live reports whether e has not expired at store time now.
 func (e *memEntry) live(now int64) bool { return now < e.expires }
+
+// owner returns the token that holds the key (in flight) or completed it
+// (from the header of the encoding: its length, then its bytes).
+func (e *memEntry) owner() string {
+	if !e.done {
+		return e.val
+	}
+	return e.val[recordHeaderLen : recordHeaderLen+int(e.val[2])]
+}
 
 // memoryOptions holds what [MemoryOption] values set.
 type memoryOptions struct {
@@ -201,8 +315,9 @@ func NewMemoryStore(opts ...MemoryOption) *MemoryStore {
 }
 
 var (
-	_ Store   = (*MemoryStore)(nil)
-	_ Watcher = (*MemoryStore)(nil)
+	_ Store        = (*MemoryStore)(nil)
+	_ Watcher      = (*MemoryStore)(nil)
+	_ encodedStore = (*MemoryStore)(nil)
 )
 
 // Claim takes key for token, holding it for lease, or returns the live
@@ -220,30 +335,38 @@ func (s *MemoryStore) Claim(ctx context.Context, key, token string, lease time.D
 // claimEncoded implements encodedStore: Claim, returning a completed record
 // as its encoding.
 func (s *MemoryStore) claimEncoded(_ context.Context, key, token string, lease time.Duration) (*Record, string, error) {
-	sh := s.shard(key)
+	if len(token) > recordMaxTokenLen {
+		// The record encoding, which names the token that completed a
+		// key, has room for no longer one.
+		return nil, "", fmt.Errorf("idempotency: memory store: token of %d bytes is longer than %d", len(token), recordMaxTokenLen)
+	}
+	k := memKeyOf(key)
+	sh := s.shard(&k)
 	swept := false
 	for {
 		now := s.clock()
 		sh.mu.Lock()
-		if i, ok := sh.index[key]; ok {
+		if i, ok := sh.index[k]; ok {
 			e := &sh.entries[i]
-			if e.live(now) && e.rec != "" {
-				enc := e.rec
+			if e.live(now) && e.done {
+				enc := e.val
 				sh.mu.Unlock()
 				return nil, enc, nil
 			}
-			if e.live(now) && e.token != token {
-				owner, left := e.token, time.Duration(e.expires-now)
+			if e.live(now) && e.val != token {
+				owner, left := e.val, time.Duration(e.expires-now)
 				sh.mu.Unlock()
 				return &Record{State: StateInFlight, Token: owner, LeaseRemaining: left}, "", nil
 			}
 			// Expired, or a claim re-sent by the owner: take it from now.
-			if e.token != token {
-				e.notify()
+			// Taking over ends the previous claim and wakes its watchers;
+			// the owner's claim again is the same claim, watched still.
+			if e.owner() != token {
+				sh.notify(k)
 			}
-			*e = memEntry{key: e.key, token: token, expires: memAdd(now, lease), changed: e.changed}
-		} else if s.reserve() {
-			sh.add(memEntry{key: key, token: token, expires: memAdd(now, lease)})
+			*e = memEntry{val: token, expires: memAdd(now, lease), key: k}
+		} else if len(sh.entries) < memShardMax && s.reserve() {
+			sh.add(memEntry{val: token, expires: memAdd(now, lease), key: k})
 		} else {
 			sh.mu.Unlock()
 			if !swept && s.sweepAtCap(now) {
@@ -261,12 +384,13 @@ func (s *MemoryStore) claimEncoded(_ context.Context, key, token string, lease t
 // Extend sets the lease of the in-flight key held by token to lease from
 // now, or returns [ErrNotOwner].
 func (s *MemoryStore) Extend(_ context.Context, key, token string, lease time.Duration) error {
-	sh := s.shard(key)
+	k := memKeyOf(key)
+	sh := s.shard(&k)
 	now := s.clock()
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
-	e := sh.find(key, now)
-	if e == nil || e.rec != "" || e.token != token {
+	e := sh.find(k, now)
+	if e == nil || e.done || e.val != token {
 		return ErrNotOwner
 	}
 	e.expires = memAdd(now, lease)
@@ -286,28 +410,36 @@ func (s *MemoryStore) Complete(_ context.Context, key, token string, rec *Record
 }
 
 // completeEncoded implements encodedStore: Complete for a record the
-// middleware encoded.
+// middleware encoded. The store finds the owner of a completed key in its
+// encoding, so enc must name token as the token that completed it; it
+// panics otherwise, since only a bug in this package can get that wrong.
 func (s *MemoryStore) completeEncoded(_ context.Context, key, token string, enc []byte, ttl time.Duration) error {
+	if len(enc) < recordHeaderLen+len(token) || int(enc[2]) != len(token) ||
+		string(enc[recordHeaderLen:recordHeaderLen+len(token)]) != token {
+		panic("idempotency: completeEncoded needs a record encoded for its token")
+	}
 	return s.complete(key, token, func() string { return string(enc) }, ttl)
 }
 
 // complete stores the record that encode returns under the in-flight key
-// held by token, for ttl. encode runs only when the record is stored.
+// held by token, for ttl. encode runs only when the record is stored, and
+// returns an encoding that names token as the token that completed the key.
 func (s *MemoryStore) complete(key, token string, encode func() string, ttl time.Duration) error {
-	sh := s.shard(key)
+	k := memKeyOf(key)
+	sh := s.shard(&k)
 	now := s.clock()
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
-	e := sh.find(key, now)
-	if e == nil || e.token != token {
+	e := sh.find(k, now)
+	if e == nil || e.owner() != token {
 		return ErrNotOwner
 	}
-	if e.rec != "" {
+	if e.done {
 		return nil // completed by this token already
 	}
-	e.rec = encode()
+	e.val, e.done = encode(), true
 	e.expires = memAdd(now, ttl)
-	e.notify()
+	sh.notify(k)
 	s.sweepStep(sh, now)
 	return nil
 }
@@ -315,18 +447,19 @@ func (s *MemoryStore) complete(key, token string, encode func() string, ttl time
 // Release deletes the in-flight key held by token, or returns [ErrNotOwner]
 // and deletes nothing. A completed key is never released.
 func (s *MemoryStore) Release(_ context.Context, key, token string) error {
-	sh := s.shard(key)
+	k := memKeyOf(key)
+	sh := s.shard(&k)
 	now := s.clock()
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
-	i, ok := sh.index[key]
+	i, ok := sh.index[k]
 	if !ok {
 		return ErrNotOwner
 	}
-	if e := &sh.entries[i]; !e.live(now) || e.rec != "" || e.token != token {
+	if e := &sh.entries[i]; !e.live(now) || e.done || e.val != token {
 		return ErrNotOwner
 	}
-	s.removeAt(sh, i)
+	s.removeAt(sh, int(i))
 	s.sweepStep(sh, now)
 	return nil
 }
@@ -335,22 +468,21 @@ func (s *MemoryStore) Release(_ context.Context, key, token string) error {
 // completed record is decoded afresh; an in-flight one is a new [Record]
 // with the owner's token and the lease left.
 func (s *MemoryStore) Get(_ context.Context, key string) (*Record, error) {
-	sh := s.shard(key)
+	k := memKeyOf(key)
+	sh := s.shard(&k)
 	now := s.clock()
 	sh.mu.Lock()
-	e := sh.find(key, now)
-	if e == nil || e.rec != "" {
-		var enc string
-		if e != nil {
-			enc = e.rec
-		}
+	e := sh.find(k, now)
+	if e == nil {
 		sh.mu.Unlock()
-		if enc == "" {
-			return nil, nil
-		}
+		return nil, nil
+	}
+	if e.done {
+		enc := e.val
+		sh.mu.Unlock()
 		return decodeRecord(enc)
 	}
-	owner, left := e.token, time.Duration(e.expires-now)
+	owner, left := e.val, time.Duration(e.expires-now)
 	sh.mu.Unlock()
 	return &Record{State: StateInFlight, Token: owner, LeaseRemaining: left}, nil
 }
@@ -358,11 +490,12 @@ func (s *MemoryStore) Get(_ context.Context, key string) (*Record, error) {
 // Delete removes the record under key, whatever its state. Deleting an
 // absent key is not an error.
 func (s *MemoryStore) Delete(_ context.Context, key string) error {
-	sh := s.shard(key)
+	k := memKeyOf(key)
+	sh := s.shard(&k)
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
-	if i, ok := sh.index[key]; ok {
-		s.removeAt(sh, i)
+	if i, ok := sh.index[k]; ok {
+		s.removeAt(sh, int(i))
 	}
 	return nil
 }
@@ -375,18 +508,24 @@ func (s *MemoryStore) Delete(_ context.Context, key string) error {
 // request waiting for the key (Config.WaitForInFlight) wakes as soon as the
 // key's owner finishes.
 func (s *MemoryStore) Watch(key string) <-chan struct{} {
-	sh := s.shard(key)
+	k := memKeyOf(key)
+	sh := s.shard(&k)
 	now := s.clock()
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
-	e := sh.find(key, now)
-	if e == nil || e.rec != "" {
+	e := sh.find(k, now)
+	if e == nil || e.done {
 		return nil
 	}
-	if e.changed == nil {
-		e.changed = make(chan struct{})
+	ch, ok := sh.watchers[k]
+	if !ok {
+		if sh.watchers == nil {
+			sh.watchers = make(map[memKey]chan struct{})
+		}
+		ch = make(chan struct{})
+		sh.watchers[k] = ch
 	}
-	return e.changed
+	return ch
 }
 
 // Len returns the number of records the store holds: live ones, and
@@ -415,9 +554,10 @@ func (s *MemoryStore) clock() int64 {
 	return int64(s.now().Sub(s.epoch))
 }
 
-// shard returns the shard that holds key.
-func (s *MemoryStore) shard(key string) *memShard {
-	return &s.shards[maphash.String(s.seed, key)&(memShardCount-1)]
+// shard returns the shard that holds the key k. The hash is seeded, so
+// that callers who choose their keys cannot crowd them into one shard.
+func (s *MemoryStore) shard(k *memKey) *memShard {
+	return &s.shards[maphash.Bytes(s.seed, k[:])&(memShardCount-1)]
 }
 
 // reserve counts one more record if the cap allows it.
@@ -467,22 +607,40 @@ func (s *MemoryStore) sweepAll(now int64) {
 	}
 }
 
-// find returns the live record under key, or nil. sh.mu must be held.
-func (sh *memShard) find(key string, now int64) *memEntry {
-	if i, ok := sh.index[key]; ok && sh.entries[i].live(now) {
+// find returns the live record under k, or nil. sh.mu must be held.
+func (sh *memShard) find(k memKey, now int64) *memEntry {
+	if i, ok := sh.index[k]; ok && sh.entries[i].live(now) {
 		return &sh.entries[i]
 	}
 	return nil
 }
 
-// add appends e, whose key sh does not hold. sh.mu must be held.
+// add appends e, whose key sh does not hold. The caller has checked that
+// sh holds fewer than memShardMax records. sh.mu must be held.
 func (sh *memShard) add(e memEntry) {
 	if sh.index == nil {
-		sh.index = make(map[string]int)
+		sh.index = make(map[memKey]int32)
 	}
-	sh.index[e.key] = len(sh.entries)
+	sh.index[e.key] = int32(len(sh.entries))
 	sh.entries = append(sh.entries, e)
 	sh.peak = max(sh.peak, len(sh.entries))
+}
+
+// notify wakes the watchers of the claim on k, if any, and forgets them.
+// Every write that ends a claim calls it, so the common case, nobody
+// watching anything in the shard, costs one length check. sh.mu must be
+// held.
+func (sh *memShard) notify(k memKey) {
+	if len(sh.watchers) == 0 {
+		return
+	}
+	if ch, ok := sh.watchers[k]; ok {
+		close(ch)
+		delete(sh.watchers, k)
+		if len(sh.watchers) == 0 {
+			sh.watchers = nil // give back what a burst of watchers grew
+		}
+	}
 }
 
 // removeAt removes the record at position i, moving the last record into
@@ -490,29 +648,33 @@ func (sh *memShard) add(e memEntry) {
 // than at its peak. Positions below len(sh.entries) stay valid. sh.mu must
 // be held.
 func (sh *memShard) removeAt(i int) {
-	sh.entries[i].notify()
 	key := sh.entries[i].key
+	sh.notify(key)
 	last := len(sh.entries) - 1
 	if i != last {
 		sh.entries[i] = sh.entries[last]
-		sh.index[sh.entries[i].key] = i
+		sh.index[sh.entries[i].key] = int32(i)
 	}
-	sh.entries[last] = memEntry{} // drop the references for the collector
+	sh.entries[last] = memEntry{} // drop the reference for the collector
 	sh.entries = sh.entries[:last]
 	delete(sh.index, key)
 
-	if n := len(sh.entries); sh.peak >= memShrinkMin && n <= sh.peak/8 {
+	switch n := len(sh.entries); {
+	case n == 0 && sh.peak > memKeepEmpty:
+		// Emptied: give everything back, with nothing to copy. Without
+		// this, a shard rebuilt below memShrinkMin would keep its index
+		// for good. Growing again reallocates what the records added
+		// since the peak paid for, O(1) amortised.
+		sh.entries, sh.index, sh.peak = nil, nil, 0
+	case sh.peak >= memShrinkMin && n <= sh.peak/8:
 		// Go maps never shrink: copy. The copy costs n after at least 7n
 		// removals, O(1) amortised.
-		old := sh.entries
-		sh.entries, sh.index, sh.peak = nil, nil, n
-		if n > 0 {
-			sh.entries = slices.Clone(old)
-			sh.index = make(map[string]int, n)
-			for j := range sh.entries {
-				sh.index[sh.entries[j].key] = j
-			}
+		sh.entries = slices.Clone(sh.entries)
+		sh.index = make(map[memKey]int32, n)
+		for j := range sh.entries {
+			sh.index[sh.entries[j].key] = int32(j)
 		}
+		sh.peak = n
 	}
 }
 

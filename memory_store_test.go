@@ -486,6 +486,261 @@ func TestMemoryStoreParallelUniqueKeys(t *testing.T) {
 	assert.LessOrEqual(t, store.Len(), workers*perWorker)
 }
 
+func TestMemoryStoreKeysDoNotCollide(t *testing.T) {
+	// The store indexes a key of 64 lowercase hex characters by the bytes
+	// it decodes to and any other key by its SHA-256. No two different
+	// keys may meet, however each is indexed: otherwise a request would be
+	// answered with another key's record.
+	lower := memTestKey("collide", 0)
+	raw, err := hex.DecodeString(lower)
+	require.NoError(t, err)
+	plainSum := sha256.Sum256([]byte("plain"))
+	long := strings.Repeat("k", 300)
+	letter := strings.IndexAny(lower, "abcdef")
+	require.GreaterOrEqual(t, letter, 0)
+	keys := []string{
+		lower,
+		strings.ToUpper(lower), // the same bytes in upper case
+		lower[:letter] + strings.ToUpper(lower[letter:letter+1]) + lower[letter+1:],
+		"plain",
+		hex.EncodeToString(plainSum[:]), // the hex of the SHA-256 of "plain"
+		string(raw),                     // the 32 bytes lower decodes to
+		lower[:63],
+		lower + "0",
+		lower[:63] + "g",
+		"",
+		long[:128],
+		long[:256], // hashed from a copy on the stack
+		long[:257], // hashed from the string itself
+		long,
+	}
+	seen := map[string]bool{}
+	for _, key := range keys {
+		require.False(t, seen[key], "the test keys are distinct: %q", key)
+		seen[key] = true
+	}
+
+	ctx := context.Background()
+	store := idempotency.NewMemoryStore()
+	token := func(i int) string { return fmt.Sprintf("owner-%d", i) }
+	for i, key := range keys {
+		rec, err := store.Claim(ctx, key, token(i), time.Minute)
+		require.NoError(t, err)
+		require.Nil(t, rec, "key %d (%q) found another key's record", i, key)
+	}
+	require.Equal(t, len(keys), store.Len())
+	for i, key := range keys {
+		if i%2 == 0 {
+			require.NoError(t, store.Complete(ctx, key, token(i), memTestRecord(), time.Hour), "key %d", i)
+		}
+	}
+	check := func(from int) {
+		t.Helper()
+		for i := from; i < len(keys); i++ {
+			rec, err := store.Get(ctx, keys[i])
+			require.NoError(t, err)
+			require.NotNil(t, rec, "key %d (%q)", i, keys[i])
+			assert.Equal(t, token(i), rec.Token, "key %d (%q)", i, keys[i])
+			want := idempotency.StateInFlight
+			if i%2 == 0 {
+				want = idempotency.StateCompleted
+			}
+			assert.Equal(t, want, rec.State, "key %d (%q)", i, keys[i])
+		}
+	}
+	check(0)
+	// Removing each key in turn leaves every other one where it was.
+	for i, key := range keys {
+		require.NoError(t, store.Delete(ctx, key))
+		rec, err := store.Get(ctx, key)
+		require.NoError(t, err)
+		assert.Nil(t, rec, "key %d after Delete", i)
+		check(i + 1)
+	}
+	assert.Zero(t, store.Len())
+}
+
+func TestMemoryStoreWatchWakes(t *testing.T) {
+	// A watcher is woken when the claim it watches ends (completed,
+	// released, deleted, swept or taken over) and only then, for keys of
+	// the middleware's shape and for any other key alike.
+	ctx := context.Background()
+	type env struct {
+		store *idempotency.MemoryStore
+		clock *memTestClock
+		key   string
+	}
+	tests := []struct {
+		name  string
+		sweep bool // run a background sweeper
+		act   func(t *testing.T, e env)
+		wakes bool
+	}{
+		{"Complete", false, func(t *testing.T, e env) {
+			require.NoError(t, e.store.Complete(ctx, e.key, "owner", memTestRecord(), time.Hour))
+		}, true},
+		{"Release", false, func(t *testing.T, e env) {
+			require.NoError(t, e.store.Release(ctx, e.key, "owner"))
+		}, true},
+		{"Delete", false, func(t *testing.T, e env) {
+			require.NoError(t, e.store.Delete(ctx, e.key))
+		}, true},
+		{"Takeover", false, func(t *testing.T, e env) {
+			e.clock.Advance(2 * time.Minute)
+			rec, err := e.store.Claim(ctx, e.key, "next", time.Minute)
+			require.NoError(t, err)
+			require.Nil(t, rec)
+		}, true},
+		{"Swept", true, func(t *testing.T, e env) {
+			e.clock.Advance(2 * time.Minute)
+			require.Eventually(t, func() bool { return e.store.Len() == 0 }, 10*time.Second, time.Millisecond)
+		}, true},
+		{"ClaimResentByOwner", false, func(t *testing.T, e env) {
+			rec, err := e.store.Claim(ctx, e.key, "owner", time.Minute)
+			require.NoError(t, err)
+			require.Nil(t, rec)
+		}, false},
+		{"ClaimByAnother", false, func(t *testing.T, e env) {
+			rec, err := e.store.Claim(ctx, e.key, "other", time.Minute)
+			require.NoError(t, err)
+			require.NotNil(t, rec)
+		}, false},
+		{"Extend", false, func(t *testing.T, e env) {
+			require.NoError(t, e.store.Extend(ctx, e.key, "owner", time.Hour))
+		}, false},
+		{"RefusedByNonOwner", false, func(t *testing.T, e env) {
+			require.ErrorIs(t, e.store.Complete(ctx, e.key, "other", memTestRecord(), time.Hour), idempotency.ErrNotOwner)
+			require.ErrorIs(t, e.store.Release(ctx, e.key, "other"), idempotency.ErrNotOwner)
+		}, false},
+		{"LeaseRunsOut", false, func(_ *testing.T, e env) {
+			e.clock.Advance(2 * time.Minute)
+		}, false},
+		{"OtherKeysEnd", false, func(t *testing.T, e env) {
+			// Enough keys that some share the watched key's shard.
+			for i := range 500 {
+				key := memTestKey("watch-other", i)
+				_, err := e.store.Claim(ctx, key, "owner", time.Minute)
+				require.NoError(t, err)
+				if i%2 == 0 {
+					require.NoError(t, e.store.Release(ctx, key, "owner"))
+				} else {
+					require.NoError(t, e.store.Complete(ctx, key, "owner", memTestRecord(), time.Hour))
+				}
+			}
+		}, false},
+	}
+	for _, kind := range []struct{ name, key string }{
+		{"HexKey", memTestKey("watch", 0)},
+		{"OtherKey", "a key of a caller's own"},
+	} {
+		for _, tt := range tests {
+			t.Run(kind.name+"/"+tt.name, func(t *testing.T) {
+				clock := newMemTestClock()
+				opts := []idempotency.MemoryOption{idempotency.WithClock(clock.Now)}
+				if tt.sweep {
+					opts = append(opts, idempotency.WithSweepInterval(time.Millisecond))
+				}
+				store := idempotency.NewMemoryStore(opts...)
+				t.Cleanup(func() { assert.NoError(t, store.Close()) })
+				_, err := store.Claim(ctx, kind.key, "owner", time.Minute)
+				require.NoError(t, err)
+				ch := store.Watch(kind.key)
+				require.NotNil(t, ch)
+
+				tt.act(t, env{store, clock, kind.key})
+				select {
+				case <-ch:
+					assert.True(t, tt.wakes, "woken though the claim goes on")
+				default:
+					assert.False(t, tt.wakes, "not woken though the claim ended")
+				}
+			})
+		}
+	}
+}
+
+func TestMemoryStoreWatchersAreSeparate(t *testing.T) {
+	// Several keys watched at once, many of them in the same shard: each
+	// end wakes the watchers of its own key only.
+	ctx := context.Background()
+	store := idempotency.NewMemoryStore()
+	const n = 300
+	chans := make([]<-chan struct{}, n)
+	for i := range n {
+		key := memTestKey("watched", i)
+		_, err := store.Claim(ctx, key, "owner", time.Minute)
+		require.NoError(t, err)
+		chans[i] = store.Watch(key)
+		require.NotNil(t, chans[i])
+	}
+	for i := range n {
+		require.NoError(t, store.Release(ctx, memTestKey("watched", i), "owner"))
+		for j, ch := range chans {
+			select {
+			case <-ch:
+				require.LessOrEqual(t, j, i, "the watcher of key %d woke when key %d was released", j, i)
+			default:
+				require.Greater(t, j, i, "the watcher of key %d slept through its release", j)
+			}
+		}
+	}
+	assert.Zero(t, store.Len())
+}
+
+func TestMemoryStoreShrinksAfterPeak(t *testing.T) {
+	// A store that held many records and then few gives memory back in
+	// two steps: each shard that falls to an eighth of its peak is rebuilt
+	// around the records it keeps, which go on being served as before,
+	// and a shard that empties keeps nothing.
+	ctx := context.Background()
+	store := idempotency.NewMemoryStore()
+	const n, keep = 40_000, 20 // keep one key in keep
+	heap := func() uint64 {
+		runtime.GC()
+		var ms runtime.MemStats
+		runtime.ReadMemStats(&ms)
+		return ms.HeapAlloc
+	}
+	before := heap()
+	for i := range n {
+		key := memTestKey("peak", i)
+		_, err := store.Claim(ctx, key, fmt.Sprint(i), time.Hour)
+		require.NoError(t, err)
+		if i%2 == 0 {
+			require.NoError(t, store.Complete(ctx, key, fmt.Sprint(i), memTestRecord(), time.Hour))
+		}
+	}
+	full := heap()
+	for i := range n {
+		if i%keep != 0 {
+			require.NoError(t, store.Delete(ctx, memTestKey("peak", i)))
+		}
+	}
+	few := heap()
+	require.Equal(t, n/keep, store.Len())
+	for i := 0; i < n; i += keep {
+		rec, err := store.Get(ctx, memTestKey("peak", i))
+		require.NoError(t, err)
+		require.NotNil(t, rec, "key %d kept through the rebuild", i)
+		assert.Equal(t, fmt.Sprint(i), rec.Token)
+		assert.Equal(t, idempotency.StateCompleted, rec.State)
+		require.ErrorIs(t, store.Release(ctx, memTestKey("peak", i), "other"), idempotency.ErrNotOwner)
+		rec, err = store.Get(ctx, memTestKey("peak", i+1))
+		require.NoError(t, err)
+		require.Nil(t, rec, "key %d deleted", i+1)
+	}
+	for i := 0; i < n; i += keep {
+		require.NoError(t, store.Delete(ctx, memTestKey("peak", i)))
+	}
+	empty := heap()
+	runtime.KeepAlive(store)
+	t.Logf("heap over the empty store: %d with %d records, %d with %d, %d with none",
+		full-before, n, int64(few)-int64(before), n/keep, int64(empty)-int64(before))
+	grown := int64(full - before)
+	assert.Less(t, int64(few)-int64(before), grown/5, "rebuilt shards hold about their records, not their peak")
+	assert.Less(t, int64(empty)-int64(before), grown/50, "emptied shards hold nothing")
+}
+
 func BenchmarkMemoryStore(b *testing.B) {
 	ctx := context.Background()
 	rec := memTestRecord()
