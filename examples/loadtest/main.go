@@ -33,6 +33,7 @@ import (
 	"net/http"
 	"os"
 	"runtime"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"sync"
@@ -59,6 +60,7 @@ type config struct {
 	rounds      int
 	warmup      time.Duration
 	redisAddr   string
+	cpuProfile  string
 }
 
 func run() error {
@@ -68,9 +70,22 @@ func run() error {
 	flag.IntVar(&cfg.rounds, "rounds", 3, "rounds; the servers take turns in each, so that a change in the machine's load affects them alike")
 	flag.DurationVar(&cfg.warmup, "warmup", 200*time.Millisecond, "unmeasured load before each measurement")
 	flag.StringVar(&cfg.redisAddr, "redis", "", "Redis address (host:port) to also test the Redis store; empty: skip it")
+	flag.StringVar(&cfg.cpuProfile, "cpuprofile", "", "write a CPU profile of the whole run (servers and load generator) to this file")
 	flag.Parse()
 	if cfg.concurrency < 1 || cfg.duration <= 0 || cfg.rounds < 1 || cfg.warmup < 0 {
 		return errors.New("-c and -rounds must be at least 1, -d positive and -warmup not negative")
+	}
+
+	if cfg.cpuProfile != "" {
+		f, err := os.Create(cfg.cpuProfile)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return err
+		}
+		defer pprof.StopCPUProfile()
 	}
 
 	servers := []*server{newServer("bare", nil)}
