@@ -164,3 +164,62 @@ func TestRedisRecordDecodeAllocations(t *testing.T) {
 	// (which may take two).
 	assert.LessOrEqual(t, allocs, 5.0)
 }
+
+func TestRecordViewReadsInPlace(t *testing.T) {
+	rec := &Record{
+		Fingerprint: []byte("fp"),
+		Response: Response{
+			StatusCode: http.StatusCreated,
+			NotStored:  "",
+			Header:     http.Header{"Location": {"/orders/1", "/other"}, "Link": {"<a>"}},
+			Body:       []byte("body"),
+		},
+	}
+	encoded := encodeRecord("tok", rec)
+	var rv recordView
+	allocs := testing.AllocsPerRun(100, func() {
+		var err error
+		if rv, err = viewRecord(encoded); err != nil {
+			t.Fatal(err)
+		}
+	})
+	assert.Zero(t, allocs, "a view copies nothing")
+	assert.Equal(t, "tok", rv.token)
+	assert.Equal(t, http.StatusCreated, rv.status)
+	assert.Equal(t, "fp", rv.fingerprint)
+	assert.Equal(t, "body", rv.body)
+	assert.Equal(t, "/orders/1", rv.first("Location"), "the first value")
+	assert.Empty(t, rv.first("location"), "names are matched exactly, as stored")
+	assert.Empty(t, rv.first("X-Absent"))
+	assert.Equal(t, rec.Response.Header, rv.record().Response.Header)
+
+	// Only a completed record can be viewed; in-flight replies and corrupt
+	// values are errors.
+	for name, v := range map[string]string{
+		"in flight":  redisInFlightReply("tok", 100),
+		"truncated":  encoded[:len(encoded)-1],
+		"short":      "\x01",
+		"version":    "\x02" + encoded[1:],
+		"token past": "\x01\x02\xfftok",
+	} {
+		_, err := viewRecord(v)
+		assert.ErrorIs(t, err, ErrCorruptRecord, name)
+	}
+}
+
+func TestAppendRecordMatchesEncodeRecord(t *testing.T) {
+	values := []string{"a, b", "c"}
+	b := appendRecordStart(nil, "tok", http.StatusAccepted, "too large", 1, len(values))
+	b = appendHeaderField(b, "X-Multi", values)
+	b = appendRecordEnd(b, []byte{1, 2, 3}, []byte("{}"))
+	want := encodeRecord("tok", &Record{
+		Fingerprint: []byte{1, 2, 3},
+		Response: Response{
+			StatusCode: http.StatusAccepted,
+			NotStored:  "too large",
+			Header:     http.Header{"X-Multi": values},
+			Body:       []byte("{}"),
+		},
+	})
+	assert.Equal(t, want, string(b), "the middleware's encoder and the stores' write the same bytes")
+}
