@@ -288,22 +288,16 @@ func TestMemoryStoreGivesMemoryBack(t *testing.T) {
 	ctx := context.Background()
 	store := idempotency.NewMemoryStore()
 	const n = 30_000
-	heap := func() uint64 {
-		runtime.GC()
-		var ms runtime.MemStats
-		runtime.ReadMemStats(&ms)
-		return ms.HeapAlloc
-	}
-	before := heap()
+	before := memHeapAfterGC()
 	for i := range n {
 		_, err := store.Claim(ctx, memTestKey("flood", i), "owner", time.Minute)
 		require.NoError(t, err)
 	}
-	full := heap()
+	full := memHeapAfterGC()
 	for i := range n {
 		require.NoError(t, store.Release(ctx, memTestKey("flood", i), "owner"))
 	}
-	after := heap()
+	after := memHeapAfterGC()
 	runtime.KeepAlive(store)
 	require.Greater(t, full, before)
 	grown := full - before
@@ -695,13 +689,7 @@ func TestMemoryStoreShrinksAfterPeak(t *testing.T) {
 	ctx := context.Background()
 	store := idempotency.NewMemoryStore()
 	const n, keep = 40_000, 20 // keep one key in keep
-	heap := func() uint64 {
-		runtime.GC()
-		var ms runtime.MemStats
-		runtime.ReadMemStats(&ms)
-		return ms.HeapAlloc
-	}
-	before := heap()
+	before := memHeapAfterGC()
 	for i := range n {
 		key := memTestKey("peak", i)
 		_, err := store.Claim(ctx, key, fmt.Sprint(i), time.Hour)
@@ -710,13 +698,13 @@ func TestMemoryStoreShrinksAfterPeak(t *testing.T) {
 			require.NoError(t, store.Complete(ctx, key, fmt.Sprint(i), memTestRecord(), time.Hour))
 		}
 	}
-	full := heap()
+	full := memHeapAfterGC()
 	for i := range n {
 		if i%keep != 0 {
 			require.NoError(t, store.Delete(ctx, memTestKey("peak", i)))
 		}
 	}
-	few := heap()
+	few := memHeapAfterGC()
 	require.Equal(t, n/keep, store.Len())
 	for i := 0; i < n; i += keep {
 		rec, err := store.Get(ctx, memTestKey("peak", i))
@@ -732,7 +720,7 @@ func TestMemoryStoreShrinksAfterPeak(t *testing.T) {
 	for i := 0; i < n; i += keep {
 		require.NoError(t, store.Delete(ctx, memTestKey("peak", i)))
 	}
-	empty := heap()
+	empty := memHeapAfterGC()
 	runtime.KeepAlive(store)
 	t.Logf("heap over the empty store: %d with %d records, %d with %d, %d with none",
 		full-before, n, int64(few)-int64(before), n/keep, int64(empty)-int64(before))
@@ -792,4 +780,12 @@ func BenchmarkMemoryStore(b *testing.B) {
 			}
 		})
 	})
+}
+
+// memHeapAfterGC returns the bytes of live heap after a collection.
+func memHeapAfterGC() uint64 {
+	runtime.GC()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	return ms.HeapAlloc
 }
