@@ -612,12 +612,13 @@ func (f *flight) complete(r *http.Request, status int, took time.Duration) bool 
 	s := f.s
 	var rec *Record
 	if s.encStore == nil {
-		// A store of its own: hand it a Record. The encoding was made
-		// above, so this cannot fail.
-		var err error
-		if rec, err = decodeRecord(string(f.enc)); err != nil {
+		// A store of the user's: hand it a Record of its own. The
+		// encoding was made above, so this cannot fail.
+		rv, err := viewRecord(string(f.enc))
+		if err != nil {
 			panic("idempotency: a record just encoded does not decode: " + err.Error())
 		}
+		rec = rv.detachedRecord()
 	}
 	backoff := 10 * time.Millisecond
 	for {

@@ -463,11 +463,13 @@ func TestLifecycleStep6LeaseLostCancelsHandler(t *testing.T) {
 func TestLifecycleStep6RenewalFailureRetriedWithinLease(t *testing.T) {
 	store := lcNewFaultStore()
 	store.setFail("extend", 2, errLcDown) // two failures, then it works
-	s := lcStart(t, idempotency.Config{Store: store, LockTTL: 300 * time.Millisecond}, func(w http.ResponseWriter, r *http.Request) {
+	// The renewal at LockTTL/3 and its two retries, LockTTL/10 apart, end
+	// well inside the lease, with room for a loaded machine's late timers.
+	s := lcStart(t, idempotency.Config{Store: store, LockTTL: 900 * time.Millisecond}, func(w http.ResponseWriter, r *http.Request) {
 		select {
 		case <-r.Context().Done():
 			t.Errorf("lease lost after transient renewal failures: %v", context.Cause(r.Context()))
-		case <-time.After(600 * time.Millisecond):
+		case <-time.After(1500 * time.Millisecond):
 		}
 		w.WriteHeader(http.StatusCreated)
 	})

@@ -342,8 +342,12 @@ func TestMemoryStoreWatchersGoAway(t *testing.T) {
 		assert.Len(t, sh.watchers, 1, name)
 		end()
 		assert.Nil(t, sh.watchers, "%s: the map is gone", name)
-		_, open := <-ch
-		assert.False(t, open, name)
+		select {
+		case _, open := <-ch:
+			assert.False(t, open, name)
+		default:
+			t.Errorf("%s: the watcher's channel was not closed", name)
+		}
 	}
 }
 

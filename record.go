@@ -6,6 +6,7 @@ import (
 	"math"
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
 	"unsafe"
 )
@@ -155,9 +156,11 @@ type recordView struct {
 	token       string
 	status      int
 	notStored   string
+	notStoredAt int // offset of notStored in enc
 	nNames      int
 	nValues     int
 	headerStart int // offset in enc of the first header field
+	headerEnd   int // offset in enc just after the last header field
 	fingerprint string
 	body        string
 }
@@ -219,6 +222,7 @@ func parseCompleted(v string, tokenEnd int) (recordView, error) {
 	if seen != nValues {
 		return recordView{}, corruptRecord("header value count mismatch")
 	}
+	headerEnd := d.off
 	fpStart, fpEnd := d.span()
 	bodyStart, bodyEnd := d.span()
 	if d.err != nil {
@@ -232,9 +236,11 @@ func parseCompleted(v string, tokenEnd int) (recordView, error) {
 		token:       v[recordHeaderLen:tokenEnd],
 		status:      int(status),
 		notStored:   v[notStoredStart:notStoredEnd],
+		notStoredAt: notStoredStart,
 		nNames:      int(nNames),
 		nValues:     int(nValues),
 		headerStart: headerStart,
+		headerEnd:   headerEnd,
 		fingerprint: v[fpStart:fpEnd],
 		body:        v[bodyStart:bodyEnd],
 	}, nil
@@ -263,9 +269,22 @@ func (rv *recordView) first(name string) string {
 	}
 }
 
+// detachedRecord is record for a caller whose encoding is about to go (the
+// middleware's reused buffer), handing the record to a store that may keep
+// it: the record's strings come from one new copy of the encoding up to the
+// end of the header fields, so that keeping the token or a header does not
+// keep a second copy of the body.
+func (rv *recordView) detachedRecord() *Record {
+	d := *rv
+	d.enc = strings.Clone(rv.enc[:rv.headerEnd])
+	d.token = d.enc[recordHeaderLen : recordHeaderLen+len(rv.token)]
+	d.notStored = d.enc[rv.notStoredAt : rv.notStoredAt+len(rv.notStored)]
+	return d.record()
+}
+
 // record returns rv decoded into a new Record. The strings of the record
 // are substrings of the encoding; the fingerprint and the body share one
-// new byte slice.
+// new byte slice. A header field with no values is nil, present and empty.
 func (rv *recordView) record() *Record {
 	rec := &Record{
 		State: StateCompleted,
@@ -283,6 +302,10 @@ func (rv *recordView) record() *Record {
 			name, n, ok := c.next()
 			if !ok {
 				break
+			}
+			if n == 0 {
+				h[name] = nil
+				continue
 			}
 			values := all[:n:n]
 			all = all[n:]

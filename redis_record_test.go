@@ -206,20 +206,3 @@ func TestRecordViewReadsInPlace(t *testing.T) {
 		assert.ErrorIs(t, err, ErrCorruptRecord, name)
 	}
 }
-
-func TestAppendRecordMatchesEncodeRecord(t *testing.T) {
-	values := []string{"a, b", "c"}
-	b := appendRecordStart(nil, "tok", http.StatusAccepted, "too large", 1, len(values))
-	b = appendHeaderField(b, "X-Multi", values)
-	b = appendRecordEnd(b, []byte{1, 2, 3}, []byte("{}"))
-	want := encodeRecord("tok", &Record{
-		Fingerprint: []byte{1, 2, 3},
-		Response: Response{
-			StatusCode: http.StatusAccepted,
-			NotStored:  "too large",
-			Header:     http.Header{"X-Multi": values},
-			Body:       []byte("{}"),
-		},
-	})
-	assert.Equal(t, want, string(b), "the middleware's encoder and the stores' write the same bytes")
-}
