@@ -177,8 +177,12 @@ type settings struct {
 	shouldStore  func(int) bool
 	noReplay     map[string]bool // canonical names
 	problemBase  string
-	writeProblem func(http.ResponseWriter, *http.Request, *Problem)
-	observer     func(Event)
+	// The problem type URIs, in the order of problemFragments, and the
+	// details that name the header, built once.
+	problemTypes                                         [len(problemFragments)]string
+	detailKeyRequired, detailInProgress, detailKeyReused string
+	writeProblem                                         func(http.ResponseWriter, *http.Request, *Problem)
+	observer                                             func(Event)
 }
 
 func newSettings(cfg Config) *settings {
@@ -273,6 +277,12 @@ func newSettings(cfg Config) *settings {
 	if s.problemBase == "" {
 		s.problemBase = DefaultProblemTypeBase
 	}
+	for i, fragment := range problemFragments {
+		s.problemTypes[i] = s.problemBase + fragment
+	}
+	s.detailKeyRequired = s.headerName + " header is required"
+	s.detailInProgress = "A request with this " + s.headerName + " is already in progress"
+	s.detailKeyReused = "This " + s.headerName + " was already used for a different request"
 	if s.writeProblem == nil {
 		s.writeProblem = WriteProblem
 	}

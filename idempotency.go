@@ -85,7 +85,7 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if len(values) == 0 {
 		if s.requireKey {
 			s.observe(Event{Outcome: OutcomeKeyMissing, Request: r, Status: http.StatusBadRequest})
-			s.writeProblem(w, r, s.problem(ProblemKeyRequired, http.StatusBadRequest, s.headerName+" header is required"))
+			s.writeProblem(w, r, s.problem(ProblemKeyRequired, http.StatusBadRequest, s.detailKeyRequired))
 			return
 		}
 		s.observe(Event{Outcome: OutcomeKeyMissing, Request: r})
@@ -179,7 +179,7 @@ func (h *handler) claimFailed(w http.ResponseWriter, r *http.Request, skey, key 
 // conflict answers a request whose key is in flight.
 func (s *settings) conflict(w http.ResponseWriter, r *http.Request, skey string, rec *Record) {
 	s.observe(Event{Outcome: OutcomeConflict, Request: r, StorageKey: skey, Status: http.StatusConflict})
-	p := s.problem(ProblemInProgress, http.StatusConflict, "A request with this "+s.headerName+" is already in progress")
+	p := s.problem(ProblemInProgress, http.StatusConflict, s.detailInProgress)
 	p.RetryAfter = s.retryAfter
 	if left := rec.LeaseRemaining; left > 0 && left < p.RetryAfter {
 		p.RetryAfter = left
@@ -194,8 +194,7 @@ func (h *handler) replay(w http.ResponseWriter, r *http.Request, skey string, rv
 	if len(rv.fingerprint) > 0 && !s.fpDisabled {
 		if !s.matches(r, rv.fingerprint) {
 			s.observe(Event{Outcome: OutcomeMismatch, Request: r, StorageKey: skey, Status: http.StatusUnprocessableEntity})
-			s.writeProblem(w, r, s.problem(ProblemKeyReused, http.StatusUnprocessableEntity,
-				"This "+s.headerName+" was already used for a different request"))
+			s.writeProblem(w, r, s.problem(ProblemKeyReused, http.StatusUnprocessableEntity, s.detailKeyReused))
 			return
 		}
 	}

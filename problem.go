@@ -65,10 +65,30 @@ func WriteProblem(w http.ResponseWriter, _ *http.Request, p *Problem) {
 	_, _ = w.Write(body)
 }
 
-// problem builds the Problem for one of the fragments above.
+// problemFragments lists the fragments above, in the order of
+// settings.problemTypes.
+var problemFragments = [...]string{
+	ProblemKeyRequired,
+	ProblemKeyInvalid,
+	ProblemInProgress,
+	ProblemKeyReused,
+	ProblemStoreUnavailable,
+	ProblemStoreFull,
+	ProblemNotStored,
+}
+
+// problem builds the Problem for one of the fragments above. Its type is
+// one of the URIs New built, so a problem costs no concatenation.
 func (s *settings) problem(fragment string, status int, detail string) *Problem {
+	typ := s.problemBase + fragment
+	for i, f := range problemFragments {
+		if f == fragment {
+			typ = s.problemTypes[i]
+			break
+		}
+	}
 	return &Problem{
-		Type:   s.problemBase + fragment,
+		Type:   typ,
 		Title:  problemTitle(fragment),
 		Status: status,
 		Detail: detail,
