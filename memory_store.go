@@ -116,6 +116,12 @@ type memShard struct {
 	// key of every record at each collection.
 	index   map[memKey]int32
 	entries []memEntry
+	// expires holds, at the position of each record in entries, the store
+	// time, in nanoseconds since the store's epoch, at which its lease (in
+	// flight) or its TTL (completed) runs out. It is apart from entries so
+	// that the sweep, which reads only expiries as it walks, reads eight of
+	// them per cache line rather than one.
+	expires []int64
 	// watchers holds the channels Watch handed out, by key, each closed
 	// and removed when the claim on its key ends. Watching is rare (only
 	// requests that wait for an in-flight key), so the map is nil, and
@@ -129,8 +135,9 @@ type memShard struct {
 	// peak copies its records into a new map and slice, and one that
 	// empties drops both.
 	peak int
-	// The fields above fill a cache line (64 bytes on 64-bit platforms),
-	// so shards locked by different goroutines do not share one.
+	// Padding to two cache lines (128 bytes on 64-bit platforms), so that
+	// shards locked by different goroutines do not share one.
+	_ [40]byte
 }
 
 // memKey is a key as a [MemoryStore] indexes it: a tag byte and 32 bytes,
@@ -212,8 +219,8 @@ func memDecodeHex(k *memKey, key string) bool {
 	return bad&highs == 0
 }
 
-// memEntry is a record as a [MemoryStore] holds it, in 64 bytes of which
-// only val is a pointer.
+// memEntry is a record as a [MemoryStore] holds it, in 56 bytes of which
+// only val is a pointer; its expiry is kept apart, in memShard.expires.
 type memEntry struct {
 	// val is the owner's token while the key is in flight, and the record
 	// in the record encoding (see encodeRecord) once it is completed. That
@@ -222,9 +229,6 @@ type memEntry struct {
 	// than kept twice: that saves its bytes on every record, and spares
 	// Complete a second allocation to join the token and the encoding.
 	val string
-	// expires is the store time, in nanoseconds since the store's epoch,
-	// at which the lease (in flight) or the TTL (completed) runs out.
-	expires int64
 	// key is the record's key in the shard's index, kept so that a removal
 	// can update the index for the record moved into the hole.
 	key memKey
@@ -232,8 +236,9 @@ type memEntry struct {
 	done bool
 }
 
-// live reports whether e has not expired at store time now.
-func (e *memEntry) live(now int64) bool { return now < e.expires }
+// live reports whether the record at position i has not expired at store
+// time now. sh.mu must be held.
+func (sh *memShard) live(i int, now int64) bool { return now < sh.expires[i] }
 
 // owner returns the token that holds the key (in flight) or completed it
 // (from the header of the encoding: its length, then its bytes).
@@ -347,14 +352,14 @@ func (s *MemoryStore) claimEncoded(_ context.Context, key, token string, lease t
 		now := s.clock()
 		sh.mu.Lock()
 		if i, ok := sh.index[k]; ok {
-			e := &sh.entries[i]
-			if e.live(now) && e.done {
+			e, live := &sh.entries[i], sh.live(int(i), now)
+			if live && e.done {
 				enc := e.val
 				sh.mu.Unlock()
 				return nil, enc, nil
 			}
-			if e.live(now) && e.val != token {
-				owner, left := e.val, time.Duration(e.expires-now)
+			if live && e.val != token {
+				owner, left := e.val, time.Duration(sh.expires[i]-now)
 				sh.mu.Unlock()
 				return &Record{State: StateInFlight, Token: owner, LeaseRemaining: left}, "", nil
 			}
@@ -364,9 +369,10 @@ func (s *MemoryStore) claimEncoded(_ context.Context, key, token string, lease t
 			if e.owner() != token {
 				sh.notify(k)
 			}
-			*e = memEntry{val: token, expires: memAdd(now, lease), key: k}
+			*e = memEntry{val: token, key: k}
+			sh.expires[i] = memAdd(now, lease)
 		} else if len(sh.entries) < memShardMax && s.reserve() {
-			sh.add(memEntry{val: token, expires: memAdd(now, lease), key: k})
+			sh.add(memEntry{val: token, key: k}, memAdd(now, lease))
 		} else {
 			sh.mu.Unlock()
 			if !swept && s.sweepAtCap(now) {
@@ -389,11 +395,11 @@ func (s *MemoryStore) Extend(_ context.Context, key, token string, lease time.Du
 	now := s.clock()
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
-	e := sh.find(k, now)
+	e, i := sh.find(k, now)
 	if e == nil || e.done || e.val != token {
 		return ErrNotOwner
 	}
-	e.expires = memAdd(now, lease)
+	sh.expires[i] = memAdd(now, lease)
 	s.sweepStep(sh, now)
 	return nil
 }
@@ -430,7 +436,7 @@ func (s *MemoryStore) complete(key, token string, encode func() string, ttl time
 	now := s.clock()
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
-	e := sh.find(k, now)
+	e, i := sh.find(k, now)
 	if e == nil || e.owner() != token {
 		return ErrNotOwner
 	}
@@ -438,7 +444,7 @@ func (s *MemoryStore) complete(key, token string, encode func() string, ttl time
 		return nil // completed by this token already
 	}
 	e.val, e.done = encode(), true
-	e.expires = memAdd(now, ttl)
+	sh.expires[i] = memAdd(now, ttl)
 	sh.notify(k)
 	s.sweepStep(sh, now)
 	return nil
@@ -456,7 +462,7 @@ func (s *MemoryStore) Release(_ context.Context, key, token string) error {
 	if !ok {
 		return ErrNotOwner
 	}
-	if e := &sh.entries[i]; !e.live(now) || e.done || e.val != token {
+	if e := &sh.entries[i]; !sh.live(int(i), now) || e.done || e.val != token {
 		return ErrNotOwner
 	}
 	s.removeAt(sh, int(i))
@@ -472,7 +478,7 @@ func (s *MemoryStore) Get(_ context.Context, key string) (*Record, error) {
 	sh := s.shard(&k)
 	now := s.clock()
 	sh.mu.Lock()
-	e := sh.find(k, now)
+	e, i := sh.find(k, now)
 	if e == nil {
 		sh.mu.Unlock()
 		return nil, nil
@@ -482,7 +488,7 @@ func (s *MemoryStore) Get(_ context.Context, key string) (*Record, error) {
 		sh.mu.Unlock()
 		return decodeRecord(enc)
 	}
-	owner, left := e.val, time.Duration(e.expires-now)
+	owner, left := e.val, time.Duration(sh.expires[i]-now)
 	sh.mu.Unlock()
 	return &Record{State: StateInFlight, Token: owner, LeaseRemaining: left}, nil
 }
@@ -513,7 +519,7 @@ func (s *MemoryStore) Watch(key string) <-chan struct{} {
 	now := s.clock()
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
-	e := sh.find(k, now)
+	e, _ := sh.find(k, now)
 	if e == nil || e.done {
 		return nil
 	}
@@ -583,7 +589,7 @@ func (s *MemoryStore) sweepStep(sh *memShard, now int64) {
 		if sh.hand >= len(sh.entries) {
 			sh.hand = 0
 		}
-		if sh.entries[sh.hand].live(now) {
+		if sh.live(sh.hand, now) {
 			sh.hand++
 		} else {
 			s.removeAt(sh, sh.hand) // the last record moved here: examine it next
@@ -597,7 +603,7 @@ func (s *MemoryStore) sweepAll(now int64) {
 		sh := &s.shards[i]
 		sh.mu.Lock()
 		for j := 0; j < len(sh.entries); {
-			if sh.entries[j].live(now) {
+			if sh.live(j, now) {
 				j++
 			} else {
 				s.removeAt(sh, j)
@@ -607,22 +613,25 @@ func (s *MemoryStore) sweepAll(now int64) {
 	}
 }
 
-// find returns the live record under k, or nil. sh.mu must be held.
-func (sh *memShard) find(k memKey, now int64) *memEntry {
-	if i, ok := sh.index[k]; ok && sh.entries[i].live(now) {
-		return &sh.entries[i]
+// find returns the live record under k and its position, or nil. sh.mu
+// must be held.
+func (sh *memShard) find(k memKey, now int64) (*memEntry, int) {
+	if i, ok := sh.index[k]; ok && sh.live(int(i), now) {
+		return &sh.entries[i], int(i)
 	}
-	return nil
+	return nil, -1
 }
 
-// add appends e, whose key sh does not hold. The caller has checked that
-// sh holds fewer than memShardMax records. sh.mu must be held.
-func (sh *memShard) add(e memEntry) {
+// add appends e, whose key sh does not hold, expiring at store time
+// expires. The caller has checked that sh holds fewer than memShardMax
+// records. sh.mu must be held.
+func (sh *memShard) add(e memEntry, expires int64) {
 	if sh.index == nil {
 		sh.index = make(map[memKey]int32)
 	}
 	sh.index[e.key] = int32(len(sh.entries))
 	sh.entries = append(sh.entries, e)
+	sh.expires = append(sh.expires, expires)
 	sh.peak = max(sh.peak, len(sh.entries))
 }
 
@@ -653,10 +662,11 @@ func (sh *memShard) removeAt(i int) {
 	last := len(sh.entries) - 1
 	if i != last {
 		sh.entries[i] = sh.entries[last]
+		sh.expires[i] = sh.expires[last]
 		sh.index[sh.entries[i].key] = int32(i)
 	}
 	sh.entries[last] = memEntry{} // drop the reference for the collector
-	sh.entries = sh.entries[:last]
+	sh.entries, sh.expires = sh.entries[:last], sh.expires[:last]
 	delete(sh.index, key)
 
 	switch n := len(sh.entries); {
@@ -665,11 +675,11 @@ func (sh *memShard) removeAt(i int) {
 		// this, a shard rebuilt below memShrinkMin would keep its index
 		// for good. Growing again reallocates what the records added
 		// since the peak paid for, O(1) amortised.
-		sh.entries, sh.index, sh.peak = nil, nil, 0
+		sh.entries, sh.expires, sh.index, sh.peak = nil, nil, nil, 0
 	case sh.peak >= memShrinkMin && n <= sh.peak/8:
 		// Go maps never shrink: copy. The copy costs n after at least 7n
 		// removals, O(1) amortised.
-		sh.entries = slices.Clone(sh.entries)
+		sh.entries, sh.expires = slices.Clone(sh.entries), slices.Clone(sh.expires)
 		sh.index = make(map[memKey]int32, n)
 		for j := range sh.entries {
 			sh.index[sh.entries[j].key] = int32(j)

@@ -50,8 +50,8 @@ func TestMemoryStoreLayout(t *testing.T) {
 	if unsafe.Sizeof(uintptr(0)) != 8 {
 		t.Skip("the sizes below are those of 64-bit platforms")
 	}
-	assert.EqualValues(t, 64, unsafe.Sizeof(memEntry{}), "an entry fills 64 bytes")
-	assert.EqualValues(t, 64, unsafe.Sizeof(memShard{}), "a shard fills a cache line")
+	assert.EqualValues(t, 56, unsafe.Sizeof(memEntry{}), "an entry takes 56 bytes")
+	assert.EqualValues(t, 128, unsafe.Sizeof(memShard{}), "a shard fills two cache lines")
 }
 
 func TestMemKeyOf(t *testing.T) {
@@ -215,6 +215,7 @@ func memCheckShards(t *testing.T, s *MemoryStore) {
 		sh := &s.shards[i]
 		sh.mu.Lock()
 		require.Len(t, sh.index, len(sh.entries), "shard %d", i)
+		require.Len(t, sh.expires, len(sh.entries), "shard %d: an expiry per record", i)
 		for j := range sh.entries {
 			e := &sh.entries[j]
 			require.EqualValues(t, j, sh.index[e.key], "shard %d, entry %d", i, j)
@@ -372,4 +373,35 @@ func TestMemoryStoreRefusesTokensTheRecordCannotName(t *testing.T) {
 	require.NotNil(t, got)
 	assert.Equal(t, longest, got.Token)
 	assert.NoError(t, store.Complete(ctx, key, longest, &Record{Response: Response{StatusCode: http.StatusCreated}}, time.Hour), "a re-sent Complete by the owner")
+}
+
+func TestMemoryStoreExpiryMovesWithItsRecord(t *testing.T) {
+	// A removal moves the shard's last record into the hole: its expiry,
+	// kept apart from it, must move too.
+	ctx := context.Background()
+	var now time.Time
+	store := NewMemoryStore(WithClock(func() time.Time { return now }))
+	sh := &store.shards[0]
+	var keys []string
+	for i := 0; len(keys) < 3; i++ {
+		if k := memLayoutKey(i); store.shard(new(memKeyOf(k))) == sh {
+			keys = append(keys, k)
+		}
+	}
+	for i, k := range keys {
+		rec, err := store.Claim(ctx, k, "t", time.Duration(i+1)*time.Minute)
+		require.NoError(t, err)
+		require.Nil(t, rec)
+	}
+	require.NoError(t, store.Release(ctx, keys[0], "t")) // keys[2] moves to position 0
+	memCheckShards(t, store)
+
+	now = now.Add(2*time.Minute + time.Second) // past keys[1]'s lease, within keys[2]'s
+	rec, err := store.Get(ctx, keys[1])
+	require.NoError(t, err)
+	assert.Nil(t, rec, "the 2-minute lease ran out")
+	rec, err = store.Get(ctx, keys[2])
+	require.NoError(t, err)
+	require.NotNil(t, rec, "the 3-minute lease did not")
+	assert.Equal(t, 59*time.Second, rec.LeaseRemaining)
 }
