@@ -114,17 +114,11 @@ func appendRecordString(dst []byte, s string) []byte {
 // values, and one byte slice that the fingerprint and the body share; the
 // strings of the record are substrings of v.
 func decodeRecord(v string) (*Record, error) {
-	if len(v) < recordHeaderLen {
-		return nil, corruptRecord("value of %d bytes is shorter than the record header", len(v))
+	state, tokenEnd, err := readRecordHeader(v)
+	if err != nil {
+		return nil, err
 	}
-	if v[0] != recordVersion {
-		return nil, corruptRecord("unknown version %d", v[0])
-	}
-	tokenEnd := recordHeaderLen + int(v[2])
-	if tokenEnd > len(v) {
-		return nil, corruptRecord("truncated token")
-	}
-	switch State(v[1]) {
+	switch state {
 	case StateInFlight:
 		// The script appended the lease; a PTTL of -1 (no expiry, which
 		// the Redis store never sets) reads as "cannot tell".
@@ -148,6 +142,22 @@ func decodeRecord(v string) (*Record, error) {
 	return nil, corruptRecord("unknown state %d", v[1])
 }
 
+// readRecordHeader checks the fixed header of the record value v and
+// returns its state byte, unchecked, and where its token ends.
+func readRecordHeader(v string) (state State, tokenEnd int, err error) {
+	if len(v) < recordHeaderLen {
+		return 0, 0, corruptRecord("value of %d bytes is shorter than the record header", len(v))
+	}
+	if v[0] != recordVersion {
+		return 0, 0, corruptRecord("unknown version %d", v[0])
+	}
+	tokenEnd = recordHeaderLen + int(v[2])
+	if tokenEnd > len(v) {
+		return 0, 0, corruptRecord("truncated token")
+	}
+	return State(v[1]), tokenEnd, nil
+}
+
 // recordView is a completed record read in place: its parts are
 // substrings of its encoding, checked once by parseCompleted, so that a
 // replay reads what it needs without copying the record.
@@ -168,17 +178,12 @@ type recordView struct {
 // viewRecord reads v, the encoding of a completed record, in place. Every
 // error wraps ErrCorruptRecord.
 func viewRecord(v string) (recordView, error) {
-	switch {
-	case len(v) < recordHeaderLen:
-		return recordView{}, corruptRecord("value of %d bytes is shorter than the record header", len(v))
-	case v[0] != recordVersion:
-		return recordView{}, corruptRecord("unknown version %d", v[0])
-	case State(v[1]) != StateCompleted:
-		return recordView{}, corruptRecord("state %d where a completed record was expected", v[1])
+	state, tokenEnd, err := readRecordHeader(v)
+	if err != nil {
+		return recordView{}, err
 	}
-	tokenEnd := recordHeaderLen + int(v[2])
-	if tokenEnd > len(v) {
-		return recordView{}, corruptRecord("truncated token")
+	if state != StateCompleted {
+		return recordView{}, corruptRecord("state %d where a completed record was expected", v[1])
 	}
 	return parseCompleted(v, tokenEnd)
 }
