@@ -390,10 +390,7 @@ func (s *MemoryStore) claimEncoded(_ context.Context, key, token string, lease t
 // Extend sets the lease of the in-flight key held by token to lease from
 // now, or returns [ErrNotOwner].
 func (s *MemoryStore) Extend(_ context.Context, key, token string, lease time.Duration) error {
-	k := memKeyOf(key)
-	sh := s.shard(&k)
-	now := s.clock()
-	sh.mu.Lock()
+	sh, k, now := s.lock(key)
 	defer sh.mu.Unlock()
 	e, i := sh.find(k, now)
 	if e == nil || e.done || e.val != token {
@@ -431,10 +428,7 @@ func (s *MemoryStore) completeEncoded(_ context.Context, key, token string, enc 
 // held by token, for ttl. encode runs only when the record is stored, and
 // returns an encoding that names token as the token that completed the key.
 func (s *MemoryStore) complete(key, token string, encode func() string, ttl time.Duration) error {
-	k := memKeyOf(key)
-	sh := s.shard(&k)
-	now := s.clock()
-	sh.mu.Lock()
+	sh, k, now := s.lock(key)
 	defer sh.mu.Unlock()
 	e, i := sh.find(k, now)
 	if e == nil || e.owner() != token {
@@ -453,19 +447,13 @@ func (s *MemoryStore) complete(key, token string, encode func() string, ttl time
 // Release deletes the in-flight key held by token, or returns [ErrNotOwner]
 // and deletes nothing. A completed key is never released.
 func (s *MemoryStore) Release(_ context.Context, key, token string) error {
-	k := memKeyOf(key)
-	sh := s.shard(&k)
-	now := s.clock()
-	sh.mu.Lock()
+	sh, k, now := s.lock(key)
 	defer sh.mu.Unlock()
-	i, ok := sh.index[k]
-	if !ok {
+	e, i := sh.find(k, now)
+	if e == nil || e.done || e.val != token {
 		return ErrNotOwner
 	}
-	if e := &sh.entries[i]; !sh.live(int(i), now) || e.done || e.val != token {
-		return ErrNotOwner
-	}
-	s.removeAt(sh, int(i))
+	s.removeAt(sh, i)
 	s.sweepStep(sh, now)
 	return nil
 }
@@ -474,10 +462,7 @@ func (s *MemoryStore) Release(_ context.Context, key, token string) error {
 // completed record is decoded afresh; an in-flight one is a new [Record]
 // with the owner's token and the lease left.
 func (s *MemoryStore) Get(_ context.Context, key string) (*Record, error) {
-	k := memKeyOf(key)
-	sh := s.shard(&k)
-	now := s.clock()
-	sh.mu.Lock()
+	sh, k, now := s.lock(key)
 	e, i := sh.find(k, now)
 	if e == nil {
 		sh.mu.Unlock()
@@ -496,9 +481,7 @@ func (s *MemoryStore) Get(_ context.Context, key string) (*Record, error) {
 // Delete removes the record under key, whatever its state. Deleting an
 // absent key is not an error.
 func (s *MemoryStore) Delete(_ context.Context, key string) error {
-	k := memKeyOf(key)
-	sh := s.shard(&k)
-	sh.mu.Lock()
+	sh, k, _ := s.lock(key)
 	defer sh.mu.Unlock()
 	if i, ok := sh.index[k]; ok {
 		s.removeAt(sh, int(i))
@@ -514,10 +497,7 @@ func (s *MemoryStore) Delete(_ context.Context, key string) error {
 // request waiting for the key (Config.WaitForInFlight) wakes as soon as the
 // key's owner finishes.
 func (s *MemoryStore) Watch(key string) <-chan struct{} {
-	k := memKeyOf(key)
-	sh := s.shard(&k)
-	now := s.clock()
-	sh.mu.Lock()
+	sh, k, now := s.lock(key)
 	defer sh.mu.Unlock()
 	e, _ := sh.find(k, now)
 	if e == nil || e.done {
@@ -558,6 +538,16 @@ func (s *MemoryStore) clock() int64 {
 		return int64(time.Since(s.epoch))
 	}
 	return int64(s.now().Sub(s.epoch))
+}
+
+// lock locks the shard that holds key and returns it, with key's index key
+// and the store time, read just before.
+func (s *MemoryStore) lock(key string) (sh *memShard, k memKey, now int64) {
+	k = memKeyOf(key)
+	sh = s.shard(&k)
+	now = s.clock()
+	sh.mu.Lock()
+	return sh, k, now
 }
 
 // shard returns the shard that holds the key k. The hash is seeded, so
