@@ -88,6 +88,24 @@ func newTestTransport(t *testing.T) (*Transport, *attemptCounter, *fakeSleeper) 
 	return &Transport{Base: counter, sleep: sleeper.sleep}, counter, sleeper
 }
 
+// newRequest returns a request made with the test's context.
+func newRequest(t *testing.T, method, url string, body io.Reader) *http.Request {
+	t.Helper()
+	req, err := http.NewRequestWithContext(testContext(t), method, url, body)
+	require.NoError(t, err)
+	return req
+}
+
+// roundTrip sends req through tr and returns its response, whose body is
+// closed when the test ends.
+func roundTrip(t *testing.T, tr http.RoundTripper, req *http.Request) *http.Response {
+	t.Helper()
+	resp, err := tr.RoundTrip(req)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = resp.Body.Close() })
+	return resp
+}
+
 // testContext bounds a test so that a hang fails instead of blocking.
 func testContext(t *testing.T) context.Context {
 	t.Helper()
@@ -149,11 +167,8 @@ func TestTransportRecoversLostResponses(t *testing.T) {
 	t.Cleanup(srv.Close)
 	tr, counter, sleeper := newTestTransport(t)
 
-	req, err := http.NewRequestWithContext(testContext(t), http.MethodPost, srv.URL+"/orders", strings.NewReader(`{"item":"book"}`))
-	require.NoError(t, err)
-	resp, err := tr.RoundTrip(req)
-	require.NoError(t, err)
-	defer resp.Body.Close()
+	req := newRequest(t, http.MethodPost, srv.URL+"/orders", strings.NewReader(`{"item":"book"}`))
+	resp := roundTrip(t, tr, req)
 	body, err := io.ReadAll(resp.Body)
 	require.NoError(t, err)
 
@@ -181,8 +196,7 @@ func TestTransportNetworkErrorsExhaustAttempts(t *testing.T) {
 	tr, counter, sleeper := newTestTransport(t)
 	tr.MaxAttempts = 3
 
-	req, err := http.NewRequestWithContext(testContext(t), http.MethodPost, srv.URL, strings.NewReader("x"))
-	require.NoError(t, err)
+	req := newRequest(t, http.MethodPost, srv.URL, strings.NewReader("x"))
 	resp, err := tr.RoundTrip(req)
 	require.Error(t, err)
 	assert.Nil(t, resp)
@@ -232,11 +246,7 @@ func TestTransportRetryDecisions(t *testing.T) {
 			tr, counter, sleeper := newTestTransport(t)
 			tr.MaxAttempts = 3
 
-			req, err := http.NewRequestWithContext(testContext(t), http.MethodPost, srv.URL, strings.NewReader("x"))
-			require.NoError(t, err)
-			resp, err := tr.RoundTrip(req)
-			require.NoError(t, err)
-			defer resp.Body.Close()
+			resp := roundTrip(t, tr, newRequest(t, http.MethodPost, srv.URL, strings.NewReader("x")))
 			body, err := io.ReadAll(resp.Body)
 			require.NoError(t, err)
 
@@ -341,11 +351,7 @@ func TestTransportHandlerConflictNotRetried(t *testing.T) {
 	t.Cleanup(srv.Close)
 	tr, counter, sleeper := newTestTransport(t)
 
-	req, err := http.NewRequestWithContext(testContext(t), http.MethodPost, srv.URL, strings.NewReader("x"))
-	require.NoError(t, err)
-	resp, err := tr.RoundTrip(req)
-	require.NoError(t, err)
-	defer resp.Body.Close()
+	resp := roundTrip(t, tr, newRequest(t, http.MethodPost, srv.URL, strings.NewReader("x")))
 	body, err := io.ReadAll(resp.Body)
 	require.NoError(t, err)
 
@@ -379,11 +385,7 @@ func TestTransportRetryAfter(t *testing.T) {
 	t.Run("delay-seconds is honoured", func(t *testing.T) {
 		srv := unavailableThenOK(t, 2, func() string { return "3" })
 		tr, counter, sleeper := newTestTransport(t)
-		req, err := http.NewRequestWithContext(testContext(t), http.MethodPost, srv.URL, nil)
-		require.NoError(t, err)
-		resp, err := tr.RoundTrip(req)
-		require.NoError(t, err)
-		defer resp.Body.Close()
+		resp := roundTrip(t, tr, newRequest(t, http.MethodPost, srv.URL, nil))
 		assert.Equal(t, http.StatusOK, resp.StatusCode)
 		assert.Equal(t, 3, counter.attempts())
 		assert.Equal(t, []time.Duration{3 * time.Second, 3 * time.Second}, sleeper.recorded())
@@ -393,11 +395,7 @@ func TestTransportRetryAfter(t *testing.T) {
 			return time.Now().Add(5 * time.Second).UTC().Format(http.TimeFormat)
 		})
 		tr, counter, sleeper := newTestTransport(t)
-		req, err := http.NewRequestWithContext(testContext(t), http.MethodPost, srv.URL, nil)
-		require.NoError(t, err)
-		resp, err := tr.RoundTrip(req)
-		require.NoError(t, err)
-		defer resp.Body.Close()
+		roundTrip(t, tr, newRequest(t, http.MethodPost, srv.URL, nil))
 		assert.Equal(t, 2, counter.attempts())
 		waits := sleeper.recorded()
 		require.Len(t, waits, 1)
@@ -461,11 +459,7 @@ func TestTransportBackoff(t *testing.T) {
 		ceilings = append(ceilings, ceiling)
 		return ceiling / 2
 	}
-	req, err := http.NewRequestWithContext(testContext(t), http.MethodPost, srv.URL, nil)
-	require.NoError(t, err)
-	resp, err := tr.RoundTrip(req)
-	require.NoError(t, err)
-	defer resp.Body.Close()
+	resp := roundTrip(t, tr, newRequest(t, http.MethodPost, srv.URL, nil))
 
 	assert.Equal(t, http.StatusServiceUnavailable, resp.StatusCode)
 	assert.Equal(t, 6, counter.attempts())
@@ -498,8 +492,7 @@ func TestTransportNonReplayableBody(t *testing.T) {
 	t.Run("status", func(t *testing.T) {
 		srv := unavailableThenOK(t, 100, func() string { return "" })
 		tr, counter, sleeper := newTestTransport(t)
-		req, err := http.NewRequestWithContext(testContext(t), http.MethodPost, srv.URL, &onceReader{strings.NewReader("x")})
-		require.NoError(t, err)
+		req := newRequest(t, http.MethodPost, srv.URL, &onceReader{strings.NewReader("x")})
 		require.Nil(t, req.GetBody)
 		resp, err := tr.RoundTrip(req)
 		require.NoError(t, err)
@@ -515,9 +508,8 @@ func TestTransportNonReplayableBody(t *testing.T) {
 		srv := httptest.NewServer(front)
 		t.Cleanup(srv.Close)
 		tr, counter, _ := newTestTransport(t)
-		req, err := http.NewRequestWithContext(testContext(t), http.MethodPost, srv.URL, &onceReader{strings.NewReader("x")})
-		require.NoError(t, err)
-		_, err = tr.RoundTrip(req)
+		req := newRequest(t, http.MethodPost, srv.URL, &onceReader{strings.NewReader("x")})
+		_, err := tr.RoundTrip(req)
 		require.Error(t, err)
 		assert.Equal(t, 1, counter.attempts())
 		assert.Equal(t, int32(1), app.executions.Load())
@@ -535,11 +527,7 @@ func TestTransportNonReplayableBody(t *testing.T) {
 		t.Cleanup(srv.Close)
 		tr, _, _ := newTestTransport(t)
 		tr.MaxAttempts = 3
-		req, err := http.NewRequestWithContext(testContext(t), http.MethodPut, srv.URL, strings.NewReader("payload"))
-		require.NoError(t, err)
-		resp, err := tr.RoundTrip(req)
-		require.NoError(t, err)
-		defer resp.Body.Close()
+		roundTrip(t, tr, newRequest(t, http.MethodPut, srv.URL, strings.NewReader("payload")))
 		mu.Lock()
 		defer mu.Unlock()
 		assert.Equal(t, []string{"payload", "payload", "payload"}, bodies)
@@ -637,8 +625,7 @@ func TestTransportKeys(t *testing.T) {
 		srv, got := newServer(t)
 		tr, _, _ := newTestTransport(t)
 		tr.MaxAttempts = 2
-		req, err := http.NewRequestWithContext(testContext(t), http.MethodPatch, srv.URL, nil)
-		require.NoError(t, err)
+		req := newRequest(t, http.MethodPatch, srv.URL, nil)
 		req.Header.Set("Idempotency-Key", "order-7")
 		resp, err := tr.RoundTrip(req)
 		require.NoError(t, err)
@@ -650,11 +637,8 @@ func TestTransportKeys(t *testing.T) {
 		tr, _, _ := newTestTransport(t)
 		tr.HeaderName = "X-Request-Key"
 		tr.MaxAttempts = 1
-		req, err := http.NewRequestWithContext(testContext(t), http.MethodPost, srv.URL, nil)
-		require.NoError(t, err)
-		resp, err := tr.RoundTrip(req)
-		require.NoError(t, err)
-		_ = resp.Body.Close()
+		req := newRequest(t, http.MethodPost, srv.URL, nil)
+		roundTrip(t, tr, req)
 		s := got()
 		require.Len(t, s, 1)
 		assert.Regexp(t, uuidV4, s[0].key)
@@ -664,11 +648,7 @@ func TestTransportKeys(t *testing.T) {
 		srv, got := newServer(t)
 		tr, _, sleeper := newTestTransport(t)
 		for _, m := range []string{http.MethodGet, http.MethodDelete} {
-			req, err := http.NewRequestWithContext(testContext(t), m, srv.URL, nil)
-			require.NoError(t, err)
-			resp, err := tr.RoundTrip(req)
-			require.NoError(t, err)
-			_ = resp.Body.Close()
+			roundTrip(t, tr, newRequest(t, m, srv.URL, nil))
 		}
 		assert.Equal(t, []seen{{"GET", ""}, {"DELETE", ""}}, got(), "no key and no retry")
 		assert.Empty(t, sleeper.recorded())
@@ -679,11 +659,7 @@ func TestTransportKeys(t *testing.T) {
 		tr.Methods = []string{"delete"}
 		tr.MaxAttempts = 2
 		for _, m := range []string{http.MethodDelete, http.MethodPost} {
-			req, err := http.NewRequestWithContext(testContext(t), m, srv.URL, nil)
-			require.NoError(t, err)
-			resp, err := tr.RoundTrip(req)
-			require.NoError(t, err)
-			_ = resp.Body.Close()
+			roundTrip(t, tr, newRequest(t, m, srv.URL, nil))
 		}
 		s := got()
 		require.Len(t, s, 3)
@@ -754,11 +730,10 @@ func TestTransportGetBodyError(t *testing.T) {
 	base := &errorTransport{err: errors.New("connection reset")}
 	sleeper := &fakeSleeper{}
 	tr := &Transport{Base: base, sleep: sleeper.sleep}
-	req, err := http.NewRequestWithContext(testContext(t), http.MethodPost, "http://127.0.0.1:1/", strings.NewReader("x"))
-	require.NoError(t, err)
+	req := newRequest(t, http.MethodPost, "http://127.0.0.1:1/", strings.NewReader("x"))
 	rewind := errors.New("cannot rewind")
 	req.GetBody = func() (io.ReadCloser, error) { return nil, rewind }
-	_, err = tr.RoundTrip(req)
+	_, err := tr.RoundTrip(req)
 	require.ErrorIs(t, err, rewind)
 	assert.Equal(t, int32(1), base.attempts.Load())
 }
