@@ -247,16 +247,16 @@ func newSettings(cfg Config) *settings {
 	if s.store == nil {
 		s.store = NewMemoryStore()
 	}
-	// The memory store never blocks: a deadline would only cost
-	// allocations. Any other store may wait on a network.
-	_, inMemory := s.store.(*MemoryStore)
-	s.boundedStore = !inMemory
-	// Only the stores themselves: a type that embeds one to change a
-	// method (a wrapper that counts calls or injects faults) would
-	// otherwise have its methods bypassed by the promoted encoded ones.
+	// The stores of this package take records encoded. Only the stores
+	// themselves: a type that embeds one to change a method (a wrapper
+	// that counts calls or injects faults) would otherwise have its
+	// methods bypassed by the promoted encoded ones. The memory store
+	// never blocks, so its calls get no deadline, which would only cost
+	// allocations; any other store may wait on a network.
+	s.boundedStore = true
 	switch st := s.store.(type) {
 	case *MemoryStore:
-		s.encStore = st
+		s.encStore, s.boundedStore = st, false
 	case *RedisStore:
 		s.encStore = st
 	}
