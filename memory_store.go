@@ -110,11 +110,10 @@ type MemoryStore struct {
 // record into the hole.
 type memShard struct {
 	mu sync.Mutex
-	// index maps a key to its record's position in entries; nil until
-	// used. Neither its keys nor its values hold a pointer, so the garbage
-	// collector never scans it: a map[string]int would have it read every
-	// key of every record at each collection.
-	index   map[memKey]int32
+	// index finds a record's position in entries by its key. It holds no
+	// pointer, so the garbage collector never scans it: a map[string]int
+	// would have it read every key of every record at each collection.
+	index   memIndex
 	entries []memEntry
 	// expires holds, at the position of each record in entries, the store
 	// time, in nanoseconds since the store's epoch, at which its lease (in
@@ -131,13 +130,13 @@ type memShard struct {
 	// hand is where the inline sweep examines records next.
 	hand int
 	// peak is the largest len(entries) since the shard was last rebuilt.
-	// Go maps never give memory back, so a shard that shrank far below its
-	// peak copies its records into a new map and slice, and one that
-	// empties drops both.
+	// Slices never give memory back, so a shard that shrank far below its
+	// peak copies its records into new slices and rebuilds its index
+	// smaller, and one that empties drops them all.
 	peak int
 	// Padding to two cache lines (128 bytes on 64-bit platforms), so that
 	// shards locked by different goroutines do not share one.
-	_ [40]byte
+	_ [24]byte
 }
 
 // memKey is a key as a [MemoryStore] indexes it: a tag byte and 32 bytes,
@@ -234,6 +233,10 @@ type memEntry struct {
 	key memKey
 	// done is set once the key is completed: val is then the record.
 	done bool
+	// frag is the key's hash fragment, as the index has it (see
+	// memIndex), so that the index finds the entry's slot without hashing
+	// its key again.
+	frag uint32
 }
 
 // live reports whether the record at position i has not expired at store
@@ -346,13 +349,13 @@ func (s *MemoryStore) claimEncoded(_ context.Context, key, token string, lease t
 		return nil, "", fmt.Errorf("idempotency: memory store: token of %d bytes is longer than %d", len(token), recordMaxTokenLen)
 	}
 	k := memKeyOf(key)
-	sh := s.shard(&k)
+	sh, frag := s.shard(&k)
 	swept := false
 	for {
 		now := s.clock()
 		sh.mu.Lock()
-		if i, ok := sh.index[k]; ok {
-			e, live := &sh.entries[i], sh.live(int(i), now)
+		if i, slot := sh.index.find(&k, frag, sh.entries); i >= 0 {
+			e, live := &sh.entries[i], sh.live(i, now)
 			if live && e.done {
 				enc := e.val
 				sh.mu.Unlock()
@@ -369,10 +372,10 @@ func (s *MemoryStore) claimEncoded(_ context.Context, key, token string, lease t
 			if e.owner() != token {
 				sh.notify(k)
 			}
-			*e = memEntry{val: token, key: k}
+			*e = memEntry{val: token, key: k, frag: frag}
 			sh.expires[i] = memAdd(now, lease)
 		} else if len(sh.entries) < memShardMax && s.reserve() {
-			sh.add(memEntry{val: token, key: k}, memAdd(now, lease))
+			sh.add(memEntry{val: token, key: k, frag: frag}, slot, memAdd(now, lease))
 		} else {
 			sh.mu.Unlock()
 			if !swept && s.sweepAtCap(now) {
@@ -392,7 +395,7 @@ func (s *MemoryStore) claimEncoded(_ context.Context, key, token string, lease t
 func (s *MemoryStore) Extend(_ context.Context, key, token string, lease time.Duration) error {
 	sh, k, now := s.lock(key)
 	defer sh.mu.Unlock()
-	e, i := sh.find(k, now)
+	e, i := sh.find(&k, now)
 	if e == nil || e.done || e.val != token {
 		return ErrNotOwner
 	}
@@ -430,7 +433,7 @@ func (s *MemoryStore) completeEncoded(_ context.Context, key, token string, enc 
 func (s *MemoryStore) complete(key, token string, encode func() string, ttl time.Duration) error {
 	sh, k, now := s.lock(key)
 	defer sh.mu.Unlock()
-	e, i := sh.find(k, now)
+	e, i := sh.find(&k, now)
 	if e == nil || e.owner() != token {
 		return ErrNotOwner
 	}
@@ -439,7 +442,7 @@ func (s *MemoryStore) complete(key, token string, encode func() string, ttl time
 	}
 	e.val, e.done = encode(), true
 	sh.expires[i] = memAdd(now, ttl)
-	sh.notify(k)
+	sh.notify(k.key)
 	s.sweepStep(sh, now)
 	return nil
 }
@@ -449,7 +452,7 @@ func (s *MemoryStore) complete(key, token string, encode func() string, ttl time
 func (s *MemoryStore) Release(_ context.Context, key, token string) error {
 	sh, k, now := s.lock(key)
 	defer sh.mu.Unlock()
-	e, i := sh.find(k, now)
+	e, i := sh.find(&k, now)
 	if e == nil || e.done || e.val != token {
 		return ErrNotOwner
 	}
@@ -463,7 +466,7 @@ func (s *MemoryStore) Release(_ context.Context, key, token string) error {
 // with the owner's token and the lease left.
 func (s *MemoryStore) Get(_ context.Context, key string) (*Record, error) {
 	sh, k, now := s.lock(key)
-	e, i := sh.find(k, now)
+	e, i := sh.find(&k, now)
 	if e == nil {
 		sh.mu.Unlock()
 		return nil, nil
@@ -483,8 +486,8 @@ func (s *MemoryStore) Get(_ context.Context, key string) (*Record, error) {
 func (s *MemoryStore) Delete(_ context.Context, key string) error {
 	sh, k, _ := s.lock(key)
 	defer sh.mu.Unlock()
-	if i, ok := sh.index[k]; ok {
-		s.removeAt(sh, int(i))
+	if i, _ := sh.index.find(&k.key, k.frag, sh.entries); i >= 0 {
+		s.removeAt(sh, i)
 	}
 	return nil
 }
@@ -499,17 +502,17 @@ func (s *MemoryStore) Delete(_ context.Context, key string) error {
 func (s *MemoryStore) Watch(key string) <-chan struct{} {
 	sh, k, now := s.lock(key)
 	defer sh.mu.Unlock()
-	e, _ := sh.find(k, now)
+	e, _ := sh.find(&k, now)
 	if e == nil || e.done {
 		return nil
 	}
-	ch, ok := sh.watchers[k]
+	ch, ok := sh.watchers[k.key]
 	if !ok {
 		if sh.watchers == nil {
 			sh.watchers = make(map[memKey]chan struct{})
 		}
 		ch = make(chan struct{})
-		sh.watchers[k] = ch
+		sh.watchers[k.key] = ch
 	}
 	return ch
 }
@@ -540,20 +543,31 @@ func (s *MemoryStore) clock() int64 {
 	return int64(s.now().Sub(s.epoch))
 }
 
-// lock locks the shard that holds key and returns it, with key's index key
-// and the store time, read just before.
-func (s *MemoryStore) lock(key string) (sh *memShard, k memKey, now int64) {
-	k = memKeyOf(key)
-	sh = s.shard(&k)
+// memFound is a key as a locked shard looks it up: its index key and its
+// hash fragment.
+type memFound struct {
+	key  memKey
+	frag uint32
+}
+
+// lock locks the shard that holds key and returns it, with key as the
+// shard finds it and the store time, read just before.
+func (s *MemoryStore) lock(key string) (sh *memShard, k memFound, now int64) {
+	k.key = memKeyOf(key)
+	sh, k.frag = s.shard(&k.key)
 	now = s.clock()
 	sh.mu.Lock()
 	return sh, k, now
 }
 
-// shard returns the shard that holds the key k. The hash is seeded, so
-// that callers who choose their keys cannot crowd them into one shard.
-func (s *MemoryStore) shard(k *memKey) *memShard {
-	return &s.shards[maphash.Bytes(s.seed, k[:])&(memShardCount-1)]
+// shard returns the shard that holds the key k, and k's hash fragment in
+// that shard's index (see memIndex). The hash is seeded, so that callers
+// who choose their keys cannot crowd them into one shard or one stretch of
+// its index. Its low bits choose the shard, its high 32 bits are the
+// fragment.
+func (s *MemoryStore) shard(k *memKey) (*memShard, uint32) {
+	h := maphash.Bytes(s.seed, k[:])
+	return &s.shards[h&(memShardCount-1)], uint32(h >> 32)
 }
 
 // reserve counts one more record if the cap allows it.
@@ -605,21 +619,20 @@ func (s *MemoryStore) sweepAll(now int64) {
 
 // find returns the live record under k and its position, or nil. sh.mu
 // must be held.
-func (sh *memShard) find(k memKey, now int64) (*memEntry, int) {
-	if i, ok := sh.index[k]; ok && sh.live(int(i), now) {
-		return &sh.entries[i], int(i)
+func (sh *memShard) find(k *memFound, now int64) (*memEntry, int) {
+	if i, _ := sh.index.find(&k.key, k.frag, sh.entries); i >= 0 && sh.live(i, now) {
+		return &sh.entries[i], i
 	}
 	return nil, -1
 }
 
 // add appends e, whose key sh does not hold, expiring at store time
-// expires. The caller has checked that sh holds fewer than memShardMax
-// records. sh.mu must be held.
-func (sh *memShard) add(e memEntry, expires int64) {
-	if sh.index == nil {
-		sh.index = make(map[memKey]int32)
-	}
-	sh.index[e.key] = int32(len(sh.entries))
+// expires, and indexes it in slot, the empty slot the index found for it.
+// The caller has checked that sh holds fewer than memShardMax records.
+// sh.mu must be held.
+func (sh *memShard) add(e memEntry, slot int, expires int64) {
+	n := len(sh.entries)
+	sh.index.insert(slot, e.frag, n, n+1)
 	sh.entries = append(sh.entries, e)
 	sh.expires = append(sh.expires, expires)
 	sh.peak = max(sh.peak, len(sh.entries))
@@ -647,17 +660,17 @@ func (sh *memShard) notify(k memKey) {
 // than at its peak. Positions below len(sh.entries) stay valid. sh.mu must
 // be held.
 func (sh *memShard) removeAt(i int) {
-	key := sh.entries[i].key
-	sh.notify(key)
+	e := &sh.entries[i]
+	sh.notify(e.key)
+	sh.index.remove(sh.index.slotOf(e.frag, i))
 	last := len(sh.entries) - 1
 	if i != last {
 		sh.entries[i] = sh.entries[last]
 		sh.expires[i] = sh.expires[last]
-		sh.index[sh.entries[i].key] = int32(i)
+		sh.index.move(sh.entries[i].frag, last, i)
 	}
 	sh.entries[last] = memEntry{} // drop the reference for the collector
 	sh.entries, sh.expires = sh.entries[:last], sh.expires[:last]
-	delete(sh.index, key)
 
 	switch n := len(sh.entries); {
 	case n == 0 && sh.peak > memKeepEmpty:
@@ -665,15 +678,13 @@ func (sh *memShard) removeAt(i int) {
 		// this, a shard rebuilt below memShrinkMin would keep its index
 		// for good. Growing again reallocates what the records added
 		// since the peak paid for, O(1) amortised.
-		sh.entries, sh.expires, sh.index, sh.peak = nil, nil, nil, 0
+		sh.entries, sh.expires, sh.peak = nil, nil, 0
+		sh.index.resize(0)
 	case sh.peak >= memShrinkMin && n <= sh.peak/8:
-		// Go maps never shrink: copy. The copy costs n after at least 7n
-		// removals, O(1) amortised.
+		// Slices never shrink, nor does the index: copy. The copy costs n
+		// after at least 7n removals, O(1) amortised.
 		sh.entries, sh.expires = slices.Clone(sh.entries), slices.Clone(sh.expires)
-		sh.index = make(map[memKey]int32, n)
-		for j := range sh.entries {
-			sh.index[sh.entries[j].key] = int32(j)
-		}
+		sh.index.resize(n)
 		sh.peak = n
 	}
 }

@@ -39,12 +39,9 @@ func memPointerWords(t reflect.Type) int {
 
 func TestMemoryStoreLayout(t *testing.T) {
 	// What a record held costs the collector: the index is never scanned
-	// (neither its keys nor its values hold a pointer) and a record's entry
-	// holds one pointer.
-	index := reflect.TypeFor[map[memKey]int32]()
-	assert.Zero(t, memPointerWords(index.Key()), "index keys hold no pointer")
-	assert.Zero(t, memPointerWords(index.Elem()), "index values hold no pointer")
-	assert.Equal(t, index, reflect.TypeOf(memShard{}.index))
+	// (its slots hold no pointer) and a record's entry holds one pointer.
+	assert.Zero(t, memPointerWords(reflect.TypeOf(memIndex{}.slots).Elem()), "index slots hold no pointer")
+	assert.Equal(t, 1, memPointerWords(reflect.TypeFor[memIndex]()), "the index is one slice")
 	assert.Equal(t, 1, memPointerWords(reflect.TypeFor[memEntry]()), "an entry holds one pointer")
 
 	if unsafe.Sizeof(uintptr(0)) != 8 {
@@ -214,16 +211,27 @@ func memCheckShards(t *testing.T, s *MemoryStore) {
 	for i := range s.shards {
 		sh := &s.shards[i]
 		sh.mu.Lock()
-		require.Len(t, sh.index, len(sh.entries), "shard %d", i)
+		used := 0
+		for _, slot := range sh.index.slots {
+			if slot != 0 {
+				used++
+			}
+		}
+		require.Equal(t, len(sh.entries), used, "shard %d: a slot per record", i)
+		require.LessOrEqual(t, 4*used, memIndexMaxLoad*len(sh.index.slots), "shard %d: index load", i)
 		require.Len(t, sh.expires, len(sh.entries), "shard %d: an expiry per record", i)
 		for j := range sh.entries {
 			e := &sh.entries[j]
-			require.EqualValues(t, j, sh.index[e.key], "shard %d, entry %d", i, j)
-			require.Same(t, sh, s.shard(&e.key), "entry %d of shard %d belongs there", j, i)
+			at, _ := sh.index.find(&e.key, e.frag, sh.entries)
+			require.Equal(t, j, at, "shard %d, entry %d", i, j)
+			home, frag := s.shard(&e.key)
+			require.Same(t, sh, home, "entry %d of shard %d belongs there", j, i)
+			require.Equal(t, frag, e.frag, "shard %d, entry %d: its key's fragment", i, j)
 		}
 		for k := range sh.watchers {
-			at, ok := sh.index[k]
-			require.True(t, ok && !sh.entries[at].done, "shard %d watches a key not in flight", i)
+			_, frag := s.shard(&k)
+			at, _ := sh.index.find(&k, frag, sh.entries)
+			require.True(t, at >= 0 && !sh.entries[at].done, "shard %d watches a key not in flight", i)
 		}
 		require.LessOrEqual(t, len(sh.entries), sh.peak)
 		total += len(sh.entries)
@@ -295,7 +303,7 @@ func TestMemoryStoreBookkeeping(t *testing.T) {
 	memCheckShards(t, store)
 	for i := range store.shards {
 		sh := &store.shards[i]
-		assert.True(t, sh.index == nil && sh.entries == nil, "shard %d emptied gives its index and entries back", i)
+		assert.True(t, sh.index.slots == nil && sh.entries == nil, "shard %d emptied gives its index and entries back", i)
 		assert.True(t, sh.watchers == nil, "shard %d keeps no watchers", i)
 	}
 }
@@ -325,7 +333,7 @@ func TestMemoryStoreWatchersGoAway(t *testing.T) {
 	ctx := context.Background()
 	store := NewMemoryStore()
 	key := memLayoutKey(0)
-	sh := store.shard(new(memKeyOf(key)))
+	sh, _ := store.shard(new(memKeyOf(key)))
 	ends := map[string]func(){
 		"complete": func() {
 			require.NoError(t, store.Complete(ctx, key, "t", &Record{Response: Response{StatusCode: 200}}, time.Hour))
@@ -384,7 +392,7 @@ func TestMemoryStoreExpiryMovesWithItsRecord(t *testing.T) {
 	sh := &store.shards[0]
 	var keys []string
 	for i := 0; len(keys) < 3; i++ {
-		if k := memLayoutKey(i); store.shard(new(memKeyOf(k))) == sh {
+		if k := memLayoutKey(i); memShardOf(store, k) == sh {
 			keys = append(keys, k)
 		}
 	}
@@ -404,4 +412,10 @@ func TestMemoryStoreExpiryMovesWithItsRecord(t *testing.T) {
 	require.NoError(t, err)
 	require.NotNil(t, rec, "the 3-minute lease did not")
 	assert.Equal(t, 59*time.Second, rec.LeaseRemaining)
+}
+
+// memShardOf returns the shard of s that holds key.
+func memShardOf(s *MemoryStore, key string) *memShard {
+	sh, _ := s.shard(new(memKeyOf(key)))
+	return sh
 }
