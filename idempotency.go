@@ -117,7 +117,7 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	skey, token := both[:2*sha256.Size], both[2*sha256.Size:]
 
 	// 3. Claim the key, or get the record that is there, in one operation.
-	claimedAt := time.Now()
+	claimedAt := monoNow()
 	// A store of this package hands a completed record over encoded, and
 	// it is replayed in place.
 	var (
@@ -277,20 +277,20 @@ func isDecimal(s string, n int) bool {
 // that returns within LockTTL/3 costs no goroutine and no timer allocation.
 // The handler's context is the one allocation that cannot be pooled, since
 // the handler may keep it; see leaseContext.
-func (h *handler) run(w http.ResponseWriter, r *http.Request, skey, key, token string, claimedAt time.Time) {
+func (h *handler) run(w http.ResponseWriter, r *http.Request, skey, key, token string, claimedAt monoTime) {
 	s := h.s
 	ctx := &leaseContext{Context: r.Context(), key: key}
 	r2 := r.WithContext(ctx)
 	f := h.flights.Get().(*flight)
 	f.skey, f.token, f.r, f.ctx, f.detached = skey, token, r2, ctx, r.Context()
 
-	f.mu.Lock()
+	// The flight is idle: its timer is stopped and no renewal can run
+	// until the Reset below, which publishes what is set before it.
 	f.done = false
-	f.leaseDeadline = claimedAt.Add(s.lockTTL)
+	f.leaseDeadline = claimedAt.add(s.lockTTL)
 	f.timer.Reset(s.lockTTL / 3)
-	f.mu.Unlock()
 
-	start := time.Now()
+	start := s.handlerStart()
 	normal := false
 	defer func() {
 		if !normal {
@@ -302,7 +302,7 @@ func (h *handler) run(w http.ResponseWriter, r *http.Request, skey, key, token s
 			f.stopRenewal()
 			f.release()
 			ctx.end()
-			s.observe(Event{Outcome: OutcomeReleased, Request: r, StorageKey: skey, Duration: time.Since(start), Detail: "handler panicked"})
+			s.observe(Event{Outcome: OutcomeReleased, Request: r, StorageKey: skey, Duration: s.handlerTook(start), Detail: "handler panicked"})
 		}
 	}()
 	switch {
@@ -327,7 +327,7 @@ func (h *handler) run(w http.ResponseWriter, r *http.Request, skey, key, token s
 	}
 	normal = true
 	reusable := f.stopRenewal()
-	f.finish(r, time.Since(start))
+	f.finish(r, s.handlerTook(start))
 	ctx.end()
 	if reusable {
 		f.reset()
@@ -361,7 +361,7 @@ type flight struct {
 	mu            sync.Mutex  // guards the fields below, and serialises renewals
 	timer         *time.Timer // runs renew; stopped while the flight is idle
 	done          bool
-	leaseDeadline time.Time // when the claim runs out unless renewed
+	leaseDeadline monoTime // when the claim runs out unless renewed
 	leaseLost     bool
 }
 
@@ -387,7 +387,7 @@ func (f *flight) reset() {
 		f.enc = nil
 	}
 	f.oneValue[0] = ""
-	f.leaseDeadline, f.leaseLost = time.Time{}, false
+	f.leaseDeadline, f.leaseLost = 0, false
 }
 
 // beforeFinal runs just before the final response header goes out. On
@@ -437,21 +437,21 @@ func (f *flight) renew() {
 		return
 	}
 	s := f.s
-	before := time.Now()
+	before := monoNow()
 	margin := s.lockTTL / 10
-	wait := max(f.leaseDeadline.Sub(before)-margin, margin)
+	wait := max(f.leaseDeadline.sub(before)-margin, margin)
 	ctx, cancel := s.detachedContext(f.detached, min(s.storeTimeout, wait))
 	err := s.store.Extend(ctx, f.skey, f.token, s.lockTTL)
 	cancel()
 	switch {
 	case err == nil:
-		f.leaseDeadline = before.Add(s.lockTTL)
+		f.leaseDeadline = before.add(s.lockTTL)
 		f.timer.Reset(s.lockTTL / 3)
 	case errors.Is(err, ErrNotOwner):
 		f.loseLease(err)
 	default:
 		s.observe(Event{Outcome: OutcomeStoreError, Request: f.r, StorageKey: f.skey, Err: err})
-		left := time.Until(f.leaseDeadline) - s.lockTTL/10
+		left := f.leaseDeadline.sub(monoNow()) - s.lockTTL/10
 		if left <= 0 {
 			f.loseLease(err)
 			return
@@ -640,7 +640,7 @@ func (f *flight) complete(r *http.Request, status int, took time.Duration) bool 
 			return false
 		}
 		s.observe(Event{Outcome: OutcomeStoreError, Request: r, StorageKey: f.skey, Err: err})
-		if time.Until(f.leaseDeadline) <= backoff {
+		if f.leaseDeadline.sub(monoNow()) <= backoff {
 			s.observe(Event{Outcome: OutcomeNotStored, Request: r, StorageKey: f.skey, Status: status,
 				Detail: "store unavailable", Err: err, Duration: took})
 			return false
@@ -697,4 +697,37 @@ func (t *tokenSource) append(dst []byte) []byte {
 		n >>= 6
 	}
 	return append(dst, buf[:]...)
+}
+
+// monoTime is a reading of the monotonic clock: the time since monoEpoch.
+// It costs one clock read, where time.Now reads the wall clock too.
+type monoTime time.Duration
+
+var monoEpoch = time.Now()
+
+// monoNow returns the monotonic clock now.
+func monoNow() monoTime { return monoTime(time.Since(monoEpoch)) }
+
+// add returns t+d.
+func (t monoTime) add(d time.Duration) monoTime { return t + monoTime(d) }
+
+// sub returns t-u.
+func (t monoTime) sub(u monoTime) time.Duration { return time.Duration(t - u) }
+
+// handlerStart returns when a handler starts, for Event.Duration, or 0
+// without an observer: the clock is read only for somebody to tell.
+func (s *settings) handlerStart() monoTime {
+	if s.observer == nil {
+		return 0
+	}
+	return monoNow()
+}
+
+// handlerTook returns how long a handler that started at start ran, or 0
+// without an observer.
+func (s *settings) handlerTook(start monoTime) time.Duration {
+	if s.observer == nil {
+		return 0
+	}
+	return monoNow().sub(start)
 }

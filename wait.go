@@ -17,7 +17,7 @@ const (
 // when this request now holds the key (the owner released it), a completed
 // record to replay, an error, or, when the wait ran out, the in-flight
 // record, which the caller answers with 409.
-func (s *settings) awaitInFlight(ctx context.Context, skey, token string, rec *Record) (*Record, time.Time, error) {
+func (s *settings) awaitInFlight(ctx context.Context, skey, token string, rec *Record) (*Record, monoTime, error) {
 	deadline := time.Now().Add(s.wait)
 	watcher, _ := s.store.(Watcher)
 	timer := time.NewTimer(time.Hour)
@@ -26,7 +26,7 @@ func (s *settings) awaitInFlight(ctx context.Context, skey, token string, rec *R
 	for {
 		left := time.Until(deadline)
 		if left <= 0 {
-			return rec, time.Time{}, nil
+			return rec, 0, nil
 		}
 		var changed <-chan struct{}
 		wait := min(poll, left)
@@ -49,13 +49,13 @@ func (s *settings) awaitInFlight(ctx context.Context, skey, token string, rec *R
 			case <-changed:
 			case <-timer.C:
 			case <-ctx.Done():
-				return rec, time.Time{}, nil
+				return rec, 0, nil
 			}
 			timer.Stop()
 		}
 		poll = min(2*poll, waitMaxPoll)
 
-		claimedAt := time.Now()
+		claimedAt := monoNow()
 		cctx, cancel := s.storeContext(ctx)
 		next, err := s.store.Claim(cctx, skey, token, s.lockTTL)
 		cancel()
