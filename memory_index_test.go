@@ -59,11 +59,16 @@ func (m *memIndexModel) check() {
 			used++
 		}
 	}
-	require.Equal(m.t, len(m.want), used, "one slot per record")
-	require.LessOrEqual(m.t, 4*used, memIndexMaxLoad*len(m.x.slots), "load")
+	if used != len(m.want) {
+		m.t.Fatalf("%d slots used for %d records", used, len(m.want))
+	}
+	if 4*used > memIndexMaxLoad*len(m.x.slots) {
+		m.t.Fatalf("%d records in %d slots", used, len(m.x.slots))
+	}
 	for k, at := range m.want {
-		pos, _ := m.x.find(&k, m.entries[at].frag, m.entries)
-		require.Equal(m.t, at, pos, "key %x", k[1:4])
+		if pos, _ := m.x.find(&k, m.entries[at].frag, m.entries); pos != at {
+			m.t.Fatalf("key %x found at %d, want %d", k[1:4], pos, at)
+		}
 	}
 }
 
@@ -129,4 +134,37 @@ func TestMemIndexFindsAbsentKeyInEmptyTable(t *testing.T) {
 	require.Len(t, x.slots, memIndexMin)
 	pos, _ = x.find(&k, 7, []memEntry{{key: k, frag: 7}})
 	require.Equal(t, 0, pos)
+}
+
+// FuzzMemIndex runs a series of additions and removals, read from the
+// input, against the map model. Each step is a byte: an even byte adds a
+// key whose fragment is taken from the next four bytes (so that the fuzzer
+// can crowd or wrap them), an odd one removes the record at a position
+// chosen by the byte.
+func FuzzMemIndex(f *testing.F) {
+	f.Add([]byte{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 3})
+	f.Add([]byte{0, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xf0, 5, 7})
+	f.Fuzz(func(t *testing.T, ops []byte) {
+		m := newMemIndexModel(t)
+		next := 0
+		for len(ops) > 0 {
+			op := ops[0]
+			ops = ops[1:]
+			if op%2 == 1 && len(m.entries) > 0 {
+				m.remove(int(op/2) % len(m.entries))
+			} else {
+				var frag uint32
+				for range 4 {
+					frag <<= 8
+					if len(ops) > 0 {
+						frag |= uint32(ops[0])
+						ops = ops[1:]
+					}
+				}
+				m.add(memIndexKey(next), frag)
+				next++
+			}
+			m.check()
+		}
+	})
 }
