@@ -210,6 +210,7 @@ func BenchmarkMiddleware(b *testing.B) {
 	b.Run("parallel-bare", func(b *testing.B) {
 		b.ReportAllocs()
 		defer benchCPU(b)()
+		b.ResetTimer()
 		b.RunParallel(func(pb *testing.PB) {
 			for pb.Next() {
 				benchServe(bare, http.MethodPost, fixed)

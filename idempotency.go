@@ -7,6 +7,7 @@ import (
 	"encoding/base64"
 	"errors"
 	"io"
+	"math"
 	"net/http"
 	"strconv"
 	"sync"
@@ -708,8 +709,13 @@ var monoEpoch = time.Now()
 // monoNow returns the monotonic clock now.
 func monoNow() monoTime { return monoTime(time.Since(monoEpoch)) }
 
-// add returns t+d.
-func (t monoTime) add(d time.Duration) monoTime { return t + monoTime(d) }
+// add returns t+d, saturating rather than wrapping round for a huge d.
+func (t monoTime) add(d time.Duration) monoTime {
+	if d > 0 && t > monoTime(math.MaxInt64)-monoTime(d) {
+		return monoTime(math.MaxInt64)
+	}
+	return t + monoTime(d)
+}
 
 // sub returns t-u.
 func (t monoTime) sub(u monoTime) time.Duration { return time.Duration(t - u) }

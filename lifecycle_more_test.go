@@ -472,3 +472,76 @@ func TestImpossibleRecordFromCustomStoreFailsClosed(t *testing.T) {
 		})
 	}
 }
+
+// extendCountingStore counts the renewals of the memory store it wraps.
+type extendCountingStore struct {
+	*idempotency.MemoryStore
+	extends atomic.Int64
+}
+
+func (s *extendCountingStore) Extend(ctx context.Context, key, token string, lease time.Duration) error {
+	s.extends.Add(1)
+	return s.MemoryStore.Extend(ctx, key, token, lease)
+}
+
+func TestFlightsReusedWhileRenewalsFire(t *testing.T) {
+	// Pooled flights are set up for a new request without their lock,
+	// relying on the renewal timer being stopped and on Timer.Reset
+	// publishing the setup to the renewal it arms. With a lease of 3ms,
+	// renewals fire every millisecond around handlers of up to 2.1ms,
+	// from 8 goroutines: the race detector checks the publication, and
+	// every request must execute once and be stored, unless a renewal came
+	// too late (a lease this short can run out on a busy machine) and the
+	// loss was reported.
+	store := &extendCountingStore{MemoryStore: idempotency.NewMemoryStore()}
+	var executed, lost atomic.Int64
+	observe := func(e idempotency.Event) {
+		if e.Outcome == idempotency.OutcomeLeaseLost {
+			lost.Add(1)
+		}
+	}
+	h := idempotency.New(idempotency.Config{Store: store, LockTTL: 3 * time.Millisecond, Observer: observe})(
+		http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			executed.Add(1)
+			if d := executed.Load() % 4; d > 0 {
+				time.Sleep(time.Duration(d) * 700 * time.Microsecond)
+			}
+			w.WriteHeader(http.StatusCreated)
+		}))
+	const goroutines, each = 8, 150
+	statuses := make(chan int, goroutines*each)
+	done := make(chan struct{})
+	for g := range goroutines {
+		go func() {
+			defer func() { done <- struct{}{} }()
+			for i := range each {
+				req := httptest.NewRequest(http.MethodPost, "/", strings.NewReader("{}"))
+				req.Header.Set(idempotency.DefaultHeaderName, fmt.Sprintf("reuse-%d-%d", g, i))
+				w := httptest.NewRecorder()
+				h.ServeHTTP(w, req)
+				statuses <- w.Code
+			}
+		}()
+	}
+	for range goroutines {
+		<-done
+	}
+	close(statuses)
+	for code := range statuses {
+		require.Equal(t, http.StatusCreated, code)
+	}
+	assert.EqualValues(t, goroutines*each, executed.Load(), "each request executed once")
+	completed := 0
+	for g := range goroutines {
+		for i := range each {
+			key := idempotency.StorageKey("", fmt.Sprintf("reuse-%d-%d", g, i))
+			rec, err := store.Get(context.Background(), key)
+			require.NoError(t, err)
+			if rec != nil && rec.State == idempotency.StateCompleted {
+				completed++
+			}
+		}
+	}
+	assert.EqualValues(t, goroutines*each, int64(completed)+lost.Load(), "each response stored, or its lease reported lost")
+	assert.Positive(t, store.extends.Load(), "renewals fired while flights were reused")
+}

@@ -124,6 +124,43 @@ func TestMemIndex(t *testing.T) {
 	}
 }
 
+func TestMemIndexRebuildsBetweenChanges(t *testing.T) {
+	// The shard's shrink path, resize to the records held, taken at any
+	// point of a run of additions and removals, and resize(0) when empty.
+	frags := []uint32{0, 1, 0x7fffffff, 0x80000000, 0xfffffff0, 0xffffffff}
+	rng := rand.New(rand.NewPCG(3, 4))
+	m := newMemIndexModel(t)
+	next := 0
+	rebuilt := 0
+	for step := range 200_000 {
+		// Additions outnumber removals for 20,000 steps, then the other
+		// way round, and so on.
+		addBelow := 52
+		if step/20_000%2 == 1 {
+			addBelow = 42
+		}
+		switch r := rng.IntN(100); {
+		case r < 2:
+			m.x.resize(len(m.entries))
+			rebuilt++
+		case len(m.entries) == 0 || r < addBelow:
+			f := rng.Uint32()
+			if rng.IntN(2) == 0 {
+				f = frags[rng.IntN(len(frags))]
+			}
+			m.add(memIndexKey(next), f)
+			next++
+		default:
+			m.remove(rng.IntN(len(m.entries)))
+		}
+		if step%101 == 0 || len(m.entries) < 12 {
+			m.check()
+		}
+	}
+	m.check()
+	require.Greater(t, rebuilt, 1000)
+}
+
 func TestMemIndexFindsAbsentKeyInEmptyTable(t *testing.T) {
 	var x memIndex
 	k := memIndexKey(1)
@@ -136,23 +173,27 @@ func TestMemIndexFindsAbsentKeyInEmptyTable(t *testing.T) {
 	require.Equal(t, 0, pos)
 }
 
-// FuzzMemIndex runs a series of additions and removals, read from the
-// input, against the map model. Each step is a byte: an even byte adds a
-// key whose fragment is taken from the next four bytes (so that the fuzzer
-// can crowd or wrap them), an odd one removes the record at a position
-// chosen by the byte.
+// FuzzMemIndex runs a series of additions, removals and rebuilds, read
+// from the input, against the map model. Each step is a byte: a byte that
+// is 0 modulo 16 rebuilds the table for the records held (the shard's
+// shrink path); another even byte adds a key whose fragment is taken from
+// the next four bytes (so that the fuzzer can crowd or wrap them); an odd
+// one removes the record at a position chosen by the byte.
 func FuzzMemIndex(f *testing.F) {
-	f.Add([]byte{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 3})
-	f.Add([]byte{0, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xf0, 5, 7})
+	f.Add([]byte{2, 0, 0, 0, 0, 2, 0, 0, 0, 0, 2, 0, 0, 0, 0, 1, 0, 3})
+	f.Add([]byte{2, 0xff, 0xff, 0xff, 0xff, 2, 0, 0, 0, 0, 2, 0xff, 0xff, 0xff, 0xf0, 5, 16, 7})
 	f.Fuzz(func(t *testing.T, ops []byte) {
 		m := newMemIndexModel(t)
 		next := 0
 		for len(ops) > 0 {
 			op := ops[0]
 			ops = ops[1:]
-			if op%2 == 1 && len(m.entries) > 0 {
+			switch {
+			case op%16 == 0:
+				m.x.resize(len(m.entries))
+			case op%2 == 1 && len(m.entries) > 0:
 				m.remove(int(op/2) % len(m.entries))
-			} else {
+			default:
 				var frag uint32
 				for range 4 {
 					frag <<= 8

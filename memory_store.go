@@ -32,7 +32,8 @@ const (
 	memShrinkMin = 256
 
 	// memKeepEmpty is the largest peak at which a shard that empties keeps
-	// its memory: one group of its index map. A quiet store, whose shards
+	// its memory: a few entries and an index of 8 or 16 slots. A quiet
+	// store, whose shards
 	// hold a record or two at a time, then allocates nothing to claim and
 	// release.
 	memKeepEmpty = 8
@@ -45,9 +46,10 @@ const (
 	// memDefaultMaxEntries is the default cap on records.
 	memDefaultMaxEntries = 1_000_000
 
-	// memShardMax is the most records one shard holds: its index stores
-	// positions as int32. A shard that reaches it refuses new keys like a
-	// store at its cap; it would take 128 GiB of entries alone.
+	// memShardMax is the most records one shard holds: its index keeps a
+	// position plus one in 32 bits of a slot, and a table of up to 1<<32
+	// slots. A shard that reaches it refuses new keys like a store at its
+	// cap; it would take 128 GiB of entries alone.
 	memShardMax = math.MaxInt32
 )
 
@@ -55,9 +57,9 @@ const (
 // It is what [New] uses when [Config.Store] is nil. Use a shared store, such
 // as the Redis store, when several processes serve the same keys.
 //
-// A MemoryStore is safe for concurrent use by multiple goroutines. Its map
-// is split into independently locked shards, so parallel requests with
-// different keys rarely wait for each other.
+// A MemoryStore is safe for concurrent use by multiple goroutines. Its
+// records are split into independently locked shards, so parallel requests
+// with different keys rarely wait for each other.
 //
 // Expiry is checked on every read, so an expired record is never returned.
 // Expired records are also removed inline, a few at a time on each write,
@@ -681,8 +683,9 @@ func (sh *memShard) removeAt(i int) {
 		sh.entries, sh.expires, sh.peak = nil, nil, 0
 		sh.index.resize(0)
 	case sh.peak >= memShrinkMin && n <= sh.peak/8:
-		// Slices never shrink, nor does the index: copy. The copy costs n
-		// after at least 7n removals, O(1) amortised.
+		// Slices never shrink, nor does the index: copy. The copy costs
+		// n, and the index's rebuild walks its peak-sized table, after at
+		// least 7/8 of the peak was removed: O(1) amortised.
 		sh.entries, sh.expires = slices.Clone(sh.entries), slices.Clone(sh.expires)
 		sh.index.resize(n)
 		sh.peak = n

@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"math/rand/v2"
 	"net/http"
 	"reflect"
 	"strings"
@@ -418,4 +419,54 @@ func TestMemoryStoreExpiryMovesWithItsRecord(t *testing.T) {
 func memShardOf(s *MemoryStore, key string) *memShard {
 	sh, _ := s.shard(new(memKeyOf(key)))
 	return sh
+}
+
+func TestMemoryStoreChurn(t *testing.T) {
+	// Random claims, take-overs of expired claims, completions, releases,
+	// deletes and time passing over a few thousand keys keep every shard's
+	// bookkeeping straight, and deleting every key empties the store.
+	ctx := context.Background()
+	now := time.Date(2025, 1, 2, 3, 4, 5, 0, time.UTC)
+	store := NewMemoryStore(WithClock(func() time.Time { return now }))
+	rng := rand.New(rand.NewPCG(5, 6))
+	const keys = 5000
+	var claimed, completed int
+	for step := range 200_000 {
+		key := memLayoutKey(rng.IntN(keys))
+		token := "t" + key[:4]
+		switch rng.IntN(6) {
+		case 0, 1:
+			rec, err := store.Claim(ctx, key, token, time.Duration(1+rng.IntN(5))*time.Second)
+			require.NoError(t, err)
+			if rec == nil {
+				claimed++
+			}
+		case 2:
+			require.NoError(t, store.Delete(ctx, key))
+		case 3:
+			if err := store.Release(ctx, key, token); err != nil {
+				require.ErrorIs(t, err, ErrNotOwner)
+			}
+		case 4:
+			err := store.Complete(ctx, key, token, &Record{Response: Response{StatusCode: 200}}, time.Second)
+			if err == nil {
+				completed++
+			} else {
+				require.ErrorIs(t, err, ErrNotOwner)
+			}
+		case 5:
+			now = now.Add(time.Duration(rng.IntN(300)) * time.Millisecond)
+		}
+		if step%20_000 == 0 {
+			memCheckShards(t, store)
+		}
+	}
+	memCheckShards(t, store)
+	assert.Greater(t, claimed, 10_000)
+	assert.Greater(t, completed, 100)
+	for i := range keys {
+		require.NoError(t, store.Delete(ctx, memLayoutKey(i)))
+	}
+	memCheckShards(t, store)
+	require.Zero(t, store.Len())
 }
