@@ -176,6 +176,9 @@ type settings struct {
 	maxResponse  int
 	shouldStore  func(int) bool
 	noReplay     map[string]bool // canonical names
+	// noReplayLens has bit n set when a name of n bytes (63 for 63 and
+	// more) is in noReplay, so that most names are kept without a look-up.
+	noReplayLens uint64
 	problemBase  string
 	// The problem type URIs, in the order of problemFragments, and the
 	// details that name the header, built once.
@@ -274,6 +277,9 @@ func newSettings(cfg Config) *settings {
 	for _, h := range noReplay {
 		s.noReplay[http.CanonicalHeaderKey(h)] = true
 	}
+	for h := range s.noReplay {
+		s.noReplayLens |= 1 << min(len(h), 63)
+	}
 	if s.problemBase == "" {
 		s.problemBase = DefaultProblemTypeBase
 	}
@@ -328,4 +334,10 @@ func isToken(v string) bool {
 		}
 	}
 	return true
+}
+
+// replayed reports whether a stored response keeps the header field name
+// (canonical): it is not one that is never replayed.
+func (s *settings) replayed(name string) bool {
+	return s.noReplayLens&(1<<min(len(name), 63)) == 0 || !s.noReplay[name]
 }

@@ -65,6 +65,13 @@ var (
 // path, query and Content-Type; the body comes next.
 func fpBegin(r *http.Request) *fpHasher {
 	x := fpHasherPool.Get().(*fpHasher)
+	x.begin(r)
+	return x
+}
+
+// begin starts x afresh, on the request's method, path, query and
+// Content-Type.
+func (x *fpHasher) begin(r *http.Request) {
 	x.h.Reset()
 	x.n = 0
 	x.writeField(r.Method)
@@ -80,18 +87,21 @@ func fpBegin(r *http.Request) *fpHasher {
 	for _, v := range ct {
 		x.writeField(v)
 	}
-	return x
 }
 
-// fpEnd hashes the body length frame, returns x to its pool and returns the
-// digest.
+// fpEnd returns the digest of x (see end) and returns x to its pool.
 func fpEnd(x *fpHasher, hashed int64) [sha256.Size]byte {
+	digest := x.end(hashed)
+	fpHasherPool.Put(x)
+	return digest
+}
+
+// end hashes the body length frame, hashed, and returns the digest.
+func (x *fpHasher) end(hashed int64) [sha256.Size]byte {
 	x.writeUint(uint64(hashed))
 	x.flush()
 	x.h.Sum(x.sum[:0])
-	digest := x.sum
-	fpHasherPool.Put(x)
-	return digest
+	return x.sum
 }
 
 func (x *fpHasher) flush() {
@@ -194,7 +204,7 @@ func fingerprintRequest(r *http.Request, limit int64) (digest [sha256.Size]byte,
 // for them: the handler through Read, readAhead, or sum at the end. Only the
 // first limit of them are hashed.
 type bodyFingerprint struct {
-	hs     *fpHasher     // nil once sum has run
+	hs     *fpHasher     // own while hashing; nil once sum has run
 	body   io.ReadCloser // the original body; nil when there is none
 	length int64         // r.ContentLength: -1 when unknown
 	limit  int64         // how many body bytes are hashed
@@ -213,6 +223,7 @@ type bodyFingerprint struct {
 	ok     bool
 
 	inline [fpInlineSize]byte // first read-ahead space, reused when pooled
+	own    *fpHasher          // the hasher, made once and kept when pooled
 }
 
 var _ io.ReadCloser = (*bodyFingerprint)(nil)
@@ -222,7 +233,11 @@ var _ io.ReadCloser = (*bodyFingerprint)(nil)
 // body is hashed as the handler reads it. limit is the number of body bytes
 // hashed; it should be positive (zero hashes no body).
 func (f *bodyFingerprint) init(r *http.Request, limit int64) {
-	f.hs = fpBegin(r)
+	if f.own == nil {
+		f.own = &fpHasher{h: sha256.New()}
+	}
+	f.hs = f.own
+	f.hs.begin(r)
 	f.limit = max(limit, 0)
 	f.length = r.ContentLength
 	if r.Body != nil && r.Body != http.NoBody {
@@ -372,16 +387,13 @@ func (f *bodyFingerprint) sum() (digest [sha256.Size]byte, ok bool) {
 		f.seen, f.eof, err = fpHashBody(f.hs, f.body, f.seen, f.limit)
 		ok = err == nil
 	}
-	f.digest, f.ok = fpEnd(f.hs, min(f.seen, f.limit)), ok
+	f.digest, f.ok = f.hs.end(min(f.seen, f.limit)), ok
 	f.hs = nil
 	return f.digest, f.ok
 }
 
 // reset drops every reference f holds so that its owner can be pooled.
 func (f *bodyFingerprint) reset() {
-	if f.hs != nil {
-		fpHasherPool.Put(f.hs)
-	}
 	f.hs, f.body, f.buf, f.err = nil, nil, nil, nil
 	f.length, f.limit, f.seen, f.off = 0, 0, 0, 0
 	f.eof, f.closed, f.ok = false, false, false

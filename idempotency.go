@@ -542,8 +542,7 @@ func (f *flight) fingerprint() []byte {
 // when the handler set none.
 func (f *flight) appendStored(dst []byte, status int) []byte {
 	snap, body := f.rec.header(), f.rec.body()
-	noReplay := f.s.noReplay
-	keep := func(name string) bool { return name != "Content-Length" && !noReplay[name] }
+	keep := f.s.replayed
 
 	// A handler that set no Content-Type got the one net/http sniffed from
 	// the first bytes it sent, or none when it flushed before writing any.

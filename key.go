@@ -66,21 +66,37 @@ func parseKey(name string, values []string) (string, error) {
 		return parseQuotedKey(name, v)
 	}
 	for i := 0; i < len(v); i++ {
-		switch c := v[i]; {
-		case c < 0x20 || c > 0x7e:
-			return "", keyFail(name, keyRuleNotASCII)
-		case c == ',':
-			return "", keyFail(name, keyRuleComma)
-		case c == ' ':
-			return "", keyFail(name, keyRuleSpace)
-		case c == '"':
-			return "", keyFail(name, keyRuleQuote)
+		if c := v[i]; !keyBareByte[c] {
+			return "", keyFail(name, keyBareRule(c))
 		}
 	}
 	if len(v) > keyMaxLen {
 		return "", keyFail(name, keyRuleTooLong)
 	}
 	return v, nil
+}
+
+// keyBareByte tells the bytes a bare key may hold: printable ASCII but the
+// space, the comma and the double quote.
+var keyBareByte = func() (ok [256]bool) {
+	for c := 0x21; c <= 0x7e; c++ {
+		ok[c] = c != ',' && c != '"'
+	}
+	return ok
+}()
+
+// keyBareRule returns the rule that the byte c, refused in a bare key,
+// breaks.
+func keyBareRule(c byte) string {
+	switch c {
+	case ',':
+		return keyRuleComma
+	case ' ':
+		return keyRuleSpace
+	case '"':
+		return keyRuleQuote
+	}
+	return keyRuleNotASCII
 }
 
 // parseQuotedKey parses v, which starts with a double quote, as an RFC 9651
