@@ -50,18 +50,6 @@ const redisDefaultKeyPrefix = "idempotency:"
 // kept by Redis in milliseconds, so the clocks of the processes sharing it
 // do not matter.
 //
-// Claims made while another claim of the same store is on its way to Redis
-// wait for it and then go out together, as one pipeline sent from a
-// goroutine of the store, each still its own script run with its own
-// reply. A claim made alone is sent at once, on the caller's context.
-// Batched claims run on a context of their own, which lasts until the latest
-// deadline among them: the values of a caller's context, such as a trace,
-// do not reach the client's hooks for them. A caller whose context ends
-// while its claim waits gets the context's error, and the claim is not
-// sent; once its batch has left, the claim may be applied with nobody to
-// answer, and holds the key for its lease, like a claim whose reply is
-// lost.
-//
 // A RedisStore is safe for concurrent use by multiple goroutines and
 // processes. Every call is bounded by its context only when the client
 // honours context deadlines: build the client with ContextTimeoutEnabled
@@ -70,15 +58,13 @@ const redisDefaultKeyPrefix = "idempotency:"
 type RedisStore struct {
 	client redisClient
 	prefix string
-	claims redisClaims
 }
 
 // redisClient is the part of a [redis.UniversalClient] that RedisStore
-// uses: scripts, DEL, and pipelines for claims sent together.
+// uses: scripts, and DEL.
 type redisClient interface {
 	redis.Scripter
 	Del(ctx context.Context, keys ...string) *redis.IntCmd
-	Pipeline() redis.Pipeliner
 }
 
 var _ Store = (*RedisStore)(nil)
@@ -127,7 +113,7 @@ func (s *RedisStore) claimEncoded(ctx context.Context, key, token string, lease 
 	if err := redisCheckToken(token); err != nil {
 		return nil, "", err
 	}
-	v, err := s.claims.run(ctx, s.client, s.prefix+key, token, redisMillis(lease))
+	v, err := redisClaimScript.Run(ctx, s.client, []string{s.prefix + key}, token, redisMillis(lease)).Result()
 	if err != nil {
 		return nil, "", fmt.Errorf("idempotency: redis claim: %w", err)
 	}
