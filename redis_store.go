@@ -46,7 +46,8 @@ const redisDefaultKeyPrefix = "idempotency:"
 //
 // Each record is one Redis key, the key prefix followed by the key the
 // middleware passes, and each operation is one round trip: a Lua script
-// that touches only that key, or a plain command. Lease and TTL expiry are
+// that touches only that key, or a plain command ([WithClaimBatching] lets
+// concurrent claims share round trips). Lease and TTL expiry are
 // kept by Redis in milliseconds, so the clocks of the processes sharing it
 // do not matter.
 //
@@ -58,13 +59,15 @@ const redisDefaultKeyPrefix = "idempotency:"
 type RedisStore struct {
 	client redisClient
 	prefix string
+	claims redisClaims
 }
 
 // redisClient is the part of a [redis.UniversalClient] that RedisStore
-// uses: scripts, and DEL.
+// uses: scripts, DEL, and pipelines for batched claims.
 type redisClient interface {
 	redis.Scripter
 	Del(ctx context.Context, keys ...string) *redis.IntCmd
+	Pipeline() redis.Pipeliner
 }
 
 var _ Store = (*RedisStore)(nil)
@@ -74,6 +77,7 @@ type RedisOption func(*redisOptions)
 
 type redisOptions struct {
 	prefix string
+	lanes  int
 }
 
 // WithKeyPrefix sets the prefix of the Redis keys that hold records; the
@@ -95,7 +99,7 @@ func NewRedisStore(client redis.UniversalClient, opts ...RedisOption) *RedisStor
 	for _, opt := range opts {
 		opt(&o)
 	}
-	return &RedisStore{client: client, prefix: o.prefix}
+	return &RedisStore{client: client, prefix: o.prefix, claims: redisClaims{lanes: o.lanes}}
 }
 
 // Claim implements [Store.Claim] with one script run.
@@ -113,7 +117,7 @@ func (s *RedisStore) claimEncoded(ctx context.Context, key, token string, lease 
 	if err := redisCheckToken(token); err != nil {
 		return nil, "", err
 	}
-	v, err := redisClaimScript.Run(ctx, s.client, []string{s.prefix + key}, token, redisMillis(lease)).Result()
+	v, err := s.claims.run(ctx, s.client, s.prefix+key, token, redisMillis(lease))
 	if err != nil {
 		return nil, "", fmt.Errorf("idempotency: redis claim: %w", err)
 	}

@@ -38,12 +38,19 @@ func redisMiniStore(t *testing.T, opts ...idempotency.RedisOption) (*idempotency
 }
 
 func TestRedisStoreConformance(t *testing.T) {
+	t.Run("claims alone", func(t *testing.T) { redisConformance(t) })
+	t.Run("claims batched", func(t *testing.T) { redisConformance(t, idempotency.WithClaimBatching(1)) })
+}
+
+// redisConformance runs the store conformance suite on Redis stores made
+// with opts.
+func redisConformance(t *testing.T, opts ...idempotency.RedisOption) {
 	// Each store gets its own miniredis, so that advancing one store's
 	// clock never touches another subtest's records.
 	var servers sync.Map // *testing.T -> *miniredis.Miniredis
 	storetest.Run(t,
 		func(t *testing.T) idempotency.Store {
-			store, m, _ := redisMiniStore(t)
+			store, m, _ := redisMiniStore(t, opts...)
 			servers.Store(t, m)
 			t.Cleanup(func() { servers.Delete(t) })
 			return store
