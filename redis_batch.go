@@ -18,22 +18,28 @@ const redisMaxBatch = 64
 // claims, or batches of claims, are on their way to Redis at once, and the
 // claims made while every lane is busy wait, then go out together as one
 // pipeline (up to 64 claims) when a lane frees. Each is still its own
-// script run, with its own reply.
+// script run, with its own reply. Under load this takes most of the system
+// calls of a claim off both the service and Redis. Default: off, every
+// claim is sent alone. It panics if lanes is not positive.
 //
-// Under load this takes most of the system calls of a claim off both the
-// service and Redis. It costs what a smaller connection pool would: when
-// lanes claims are stuck (a connection that hangs, a Cluster node that
-// fails, for a pipeline waits for every node it touches), every other claim
-// of the store waits for one of them, up to its own deadline. Batched claims
-// run on a context of their own, which lasts until the latest deadline
-// among them, so the values of a caller's context, such as a trace, do not
-// reach the client's hooks for them, and those hooks run on a goroutine of
-// the store (or, for Ring and Cluster, of go-redis). A caller whose context
-// ends while its claim waits gets the context's error and its claim is not
-// sent; once its batch has left, the claim may be applied with nobody to
-// answer, and holds the key for its lease, like a claim whose reply is
-// lost. It panics if lanes is not positive. Default: off, every claim is
-// sent alone.
+// It costs what a smaller connection pool would. While lanes claims are
+// stuck (a connection that hangs, or a Cluster node that fails, for a
+// pipeline waits for every node it touches), every other claim of the store
+// waits for one of them, up to its own deadline; with one lane, which
+// batches the most, one stuck claim holds them all.
+//
+// A batch runs on a context of its own, which lasts until the latest
+// deadline among its claims: the values of a caller's context, such as a
+// trace, do not reach the client's hooks, and those hooks run on a
+// goroutine of the store (for Ring and Cluster, per-node hooks run on
+// go-redis's own goroutines, where a panic ends the process). A panic in a
+// hook that the store's goroutine runs fails the claims of that batch, as
+// a store error (with FailOpen, their requests then run unprotected).
+//
+// A caller whose deadline passes while its claim waits gets the context's
+// error, and the claim is not sent. A claim whose batch is already being
+// sent may still be written after its caller gave up; like a claim whose
+// reply is lost, it then holds the key for its lease.
 func WithClaimBatching(lanes int) RedisOption {
 	if lanes <= 0 {
 		panic("idempotency: WithClaimBatching needs a positive number of lanes")
@@ -121,6 +127,7 @@ func (b *redisClaims) next(client redisClient) {
 			batch = append(batch, c)
 		}
 	}
+	clear(b.queue[:taken]) // let the calls taken, and their replies, go
 	b.queue = b.queue[taken:]
 	if len(b.queue) == 0 {
 		b.queue = nil
@@ -203,13 +210,19 @@ func (b *redisClaims) sendBatch(client redisClient, batch []*redisClaimCall) {
 }
 
 // pipeline sends, as one pipeline, the claims of batch at the positions
-// that want selects and that are not abandoned, and sets their replies.
+// that want selects and that are neither abandoned nor past their
+// deadline, and sets their replies.
 func (b *redisClaims) pipeline(ctx context.Context, client redisClient, batch []*redisClaimCall, replies []any, errs []error, want func(int) bool) {
 	pipe := client.Pipeline()
 	cmds := make([]*redis.Cmd, len(batch))
 	n := 0
+	now := time.Now()
 	for i, c := range batch {
-		if want(i) && !b.isAbandoned(c) {
+		switch {
+		case !want(i) || b.isAbandoned(c):
+		case c.bounded && !now.Before(c.deadline):
+			replies[i], errs[i] = nil, context.DeadlineExceeded
+		default:
 			cmds[i] = redisClaimScript.EvalSha(ctx, pipe, []string{c.key}, c.token, c.lease)
 			n++
 		}
@@ -217,10 +230,20 @@ func (b *redisClaims) pipeline(ctx context.Context, client redisClient, batch []
 	if n == 0 {
 		return
 	}
-	_, _ = pipe.Exec(ctx) // each command keeps its own error
+	_, execErr := pipe.Exec(ctx)
+	if execErr == nil {
+		execErr = errRedisBatchEnded
+	}
 	for i, cmd := range cmds {
-		if cmd != nil {
-			replies[i], errs[i] = cmd.Result()
+		if cmd == nil {
+			continue
+		}
+		replies[i], errs[i] = cmd.Result()
+		if replies[i] == nil && errs[i] == nil {
+			// A command left with neither (a pipeline hook that refused
+			// without sending): the claim script never replies nil, so
+			// give the pipeline's own error.
+			errs[i] = execErr
 		}
 	}
 }

@@ -2,6 +2,7 @@ package idempotency
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"runtime"
 	"sync"
@@ -27,6 +28,7 @@ type redisGateHook struct {
 	beforePipeline func()
 	panics         atomic.Bool
 	goexit         atomic.Bool
+	refuse         error // returned for such a pipeline, which is not sent
 }
 
 func newRedisGateHook() *redisGateHook {
@@ -59,6 +61,9 @@ func (h *redisGateHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redi
 		}
 		if h.beforePipeline != nil {
 			h.beforePipeline()
+		}
+		if h.refuse != nil {
+			return h.refuse // as a circuit breaker would, sending nothing
 		}
 		return next(ctx, cmds)
 	}
@@ -344,5 +349,28 @@ func TestRedisClaimsBatchEndingBadly(t *testing.T) {
 			require.NoError(t, err)
 			assert.Nil(t, rec)
 		})
+	}
+}
+
+func TestRedisClaimsBatchRefusedByAHook(t *testing.T) {
+	// A pipeline hook that refuses the batch without sending it, as a
+	// circuit breaker does: its callers get the hook's error.
+	store, _, hook := redisBatchStore(t, WithClaimBatching(1))
+	ctx := t.Context()
+	errOpen := errors.New("breaker open")
+	hook.refuse = errOpen
+	first := redisHoldFirst(t, store, hook)
+	errs := make(chan error, 3)
+	for i := range 3 {
+		go func() {
+			_, err := store.Claim(ctx, fmt.Sprintf("k%d", i), "t", time.Minute)
+			errs <- err
+		}()
+	}
+	redisQueued(t, store, 3)
+	close(hook.release)
+	require.NoError(t, <-first)
+	for range 3 {
+		assert.ErrorIs(t, <-errs, errOpen)
 	}
 }
