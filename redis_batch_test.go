@@ -318,19 +318,7 @@ func TestRedisClaimsBatchEndingBadly(t *testing.T) {
 			} else {
 				hook.goexit.Store(true)
 			}
-			first := redisHoldFirst(t, store, hook)
-			errs := make(chan error, 3)
-			for i := range 3 {
-				go func() {
-					_, err := store.Claim(ctx, fmt.Sprintf("k%d", i), "t", time.Minute)
-					errs <- err
-				}()
-			}
-			redisQueued(t, store, 3)
-			close(hook.release)
-			require.NoError(t, <-first)
-			for range 3 {
-				err := <-errs
+			for _, err := range redisBatchOfThree(t, store, hook) {
 				require.Error(t, err)
 				if how == "panic" {
 					assert.Contains(t, err.Error(), "panic in the redis client: hook failure")
@@ -356,21 +344,27 @@ func TestRedisClaimsBatchRefusedByAHook(t *testing.T) {
 	// A pipeline hook that refuses the batch without sending it, as a
 	// circuit breaker does: its callers get the hook's error.
 	store, _, hook := redisBatchStore(t, WithClaimBatching(1))
-	ctx := t.Context()
 	errOpen := errors.New("breaker open")
 	hook.refuse = errOpen
+	for _, err := range redisBatchOfThree(t, store, hook) {
+		assert.ErrorIs(t, err, errOpen)
+	}
+}
+
+// redisBatchOfThree holds a claim, queues three behind it, lets them all go
+// and returns the errors of the three, which went out as one batch.
+func redisBatchOfThree(t *testing.T, store *RedisStore, hook *redisGateHook) []error {
+	t.Helper()
 	first := redisHoldFirst(t, store, hook)
 	errs := make(chan error, 3)
 	for i := range 3 {
 		go func() {
-			_, err := store.Claim(ctx, fmt.Sprintf("k%d", i), "t", time.Minute)
+			_, err := store.Claim(t.Context(), fmt.Sprintf("k%d", i), "t", time.Minute)
 			errs <- err
 		}()
 	}
 	redisQueued(t, store, 3)
 	close(hook.release)
 	require.NoError(t, <-first)
-	for range 3 {
-		assert.ErrorIs(t, <-errs, errOpen)
-	}
+	return []error{<-errs, <-errs, <-errs}
 }
