@@ -7,7 +7,6 @@ import (
 	"encoding/base64"
 	"errors"
 	"io"
-	"math"
 	"net/http"
 	"strconv"
 	"sync"
@@ -709,12 +708,7 @@ var monoEpoch = time.Now()
 func monoNow() monoTime { return monoTime(time.Since(monoEpoch)) }
 
 // add returns t+d, saturating rather than wrapping round for a huge d.
-func (t monoTime) add(d time.Duration) monoTime {
-	if d > 0 && t > monoTime(math.MaxInt64)-monoTime(d) {
-		return monoTime(math.MaxInt64)
-	}
-	return t + monoTime(d)
-}
+func (t monoTime) add(d time.Duration) monoTime { return monoTime(memAdd(int64(t), d)) }
 
 // sub returns t-u.
 func (t monoTime) sub(u monoTime) time.Duration { return time.Duration(t - u) }

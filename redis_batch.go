@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"runtime"
+	"slices"
 	"sync"
 	"time"
 
@@ -192,7 +193,7 @@ func (b *redisClaims) sendBatch(client redisClient, batch []*redisClaimCall) {
 	replies := make([]any, len(batch))
 	errs := make([]error, len(batch))
 	b.pipeline(ctx, client, batch, replies, errs, func(int) bool { return true })
-	if b.noScript(batch, errs) {
+	if slices.ContainsFunc(errs, redisIsNoScript) {
 		if redisClaimScript.Load(ctx, client).Err() == nil {
 			b.pipeline(ctx, client, batch, replies, errs, func(i int) bool { return redisIsNoScript(errs[i]) })
 		}
@@ -246,16 +247,6 @@ func (b *redisClaims) pipeline(ctx context.Context, client redisClient, batch []
 			errs[i] = execErr
 		}
 	}
-}
-
-// noScript reports whether a claim of batch was refused with NOSCRIPT.
-func (b *redisClaims) noScript(batch []*redisClaimCall, errs []error) bool {
-	for i := range batch {
-		if redisIsNoScript(errs[i]) {
-			return true
-		}
-	}
-	return false
 }
 
 // isAbandoned reports whether c's caller gave up.

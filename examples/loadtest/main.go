@@ -1,13 +1,13 @@
 // Command loadtest measures what the idempotency middleware costs a real
-// HTTP service over loopback. It serves a small orders API three ways, bare
-// (no middleware), behind the middleware on the memory store and, when
-// -redis is given, behind it on a Redis store, as it is by default and with
-// claim batching (idempotency.WithClaimBatching, -redis-lanes); drives each with a fixed
-// number of concurrent clients for a fixed time; and prints requests per
-// second, p50 and p99 latency, and the ratio to bare.
+// HTTP service over loopback. It serves a small orders API bare (no
+// middleware) and behind the middleware on the memory store and, when
+// -redis is given, on a Redis store, as it is by default and with claim
+// batching (idempotency.WithClaimBatching on -redis-lanes lanes); drives
+// each with a fixed number of concurrent clients for a fixed time; and
+// prints requests per second, p50 and p99 latency, and the ratio to bare.
 //
 //	go run ./examples/loadtest                          # bare and memory, ~30 s
-//	go run ./examples/loadtest -redis 127.0.0.1:6379    # and Redis
+//	go run ./examples/loadtest -redis 127.0.0.1:6379    # and Redis, with and without batching
 //	go run ./examples/loadtest -c 64 -d 10s             # more load, longer
 //
 // Two workloads run on each server. "mix" sends, per client, first
