@@ -82,7 +82,7 @@ func benchKeys(n int) [][]string {
 func benchServe(h http.Handler, method string, key []string) *httptest.ResponseRecorder {
 	r := httptest.NewRequest(method, "/orders", bytes.NewReader(benchRequestBody))
 	if key != nil {
-		r.Header[idempotency.DefaultHeaderName] = key
+		r.Header["Idempotency-Key"] = key
 	}
 	w := httptest.NewRecorder()
 	h.ServeHTTP(w, r)
@@ -579,7 +579,7 @@ func TestPerfPooledStateIsolated(t *testing.T) {
 				}
 				for attempt := range 2 {
 					r := httptest.NewRequest(http.MethodPost, "/orders", bytes.NewReader([]byte(body)))
-					r.Header.Set(idempotency.DefaultHeaderName, key)
+					r.Header.Set("Idempotency-Key", key)
 					w := httptest.NewRecorder()
 					h.ServeHTTP(w, r)
 					if !assert.Equal(t, http.StatusCreated, w.Code) {

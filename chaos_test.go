@@ -360,10 +360,10 @@ dispatch:
 				"%s: a replay of a body no execution of this key wrote: %s", o.job.key, o.body)
 		case o.status == http.StatusConflict:
 			conflicts++
-			assert.Equal(t, idempotency.DefaultProblemTypeBase+idempotency.ProblemInProgress, o.ptype)
+			assert.Equal(t, "https://github.com/f8e778d0/idempotency#"+idempotency.ProblemInProgress, o.ptype)
 		case o.status == http.StatusServiceUnavailable:
 			unavailable++
-			assert.Equal(t, idempotency.DefaultProblemTypeBase+idempotency.ProblemStoreUnavailable, o.ptype)
+			assert.Equal(t, "https://github.com/f8e778d0/idempotency#"+idempotency.ProblemStoreUnavailable, o.ptype)
 		default:
 			t.Errorf("%s: instance %d answered %d %s", o.job.key, o.job.instance, o.status, o.body)
 		}

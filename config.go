@@ -68,22 +68,19 @@ type Config struct {
 	// a fast 503 rather than a hung request. Default 2s.
 	StoreTimeout time.Duration
 
-	// FingerprintBodyLimit is how many leading bytes of the request body
-	// the default fingerprint hashes. Bodies that differ only after it are
-	// the same request. Default 1 MiB.
+	// FingerprintBodyLimit is how many leading bytes of the request body,
+	// of those the handler read, the default fingerprint hashes. Bodies
+	// that differ only after it are the same request. Default 1 MiB.
 	FingerprintBodyLimit int64
 
 	// Fingerprint replaces the default request fingerprint (method, path,
-	// query, Content-Type and the leading body bytes). It runs before the
-	// handler and before a replay; if it reads r.Body it must leave an
-	// equivalent body in its place. Requests with the same key and
-	// different fingerprints get 422. Default nil: the built-in
-	// fingerprint.
+	// query, Content-Type and the part of the body the handler read). It
+	// runs before the handler and before a replay, and must not read
+	// r.Body. Requests with the same key and different fingerprints get
+	// 422. A Fingerprint that returns nil turns the check off: a retry
+	// with the same key replays whatever request it carries. Default nil:
+	// the built-in fingerprint.
 	Fingerprint func(r *http.Request) []byte
-
-	// DisableFingerprint turns fingerprinting off: a retry with the same
-	// key replays whatever request it carries. Default false.
-	DisableFingerprint bool
 
 	// MaxResponseSize caps the size of a stored response body. A larger
 	// response is still delivered in full; its key is completed as "not
@@ -121,16 +118,16 @@ type Config struct {
 	Observer func(Event)
 }
 
-// Defaults used when the corresponding Config field is zero.
+// The defaults of the Config fields, as their documentation states.
 const (
-	DefaultHeaderName           = "Idempotency-Key"
-	DefaultTTL                  = 24 * time.Hour
-	DefaultLockTTL              = 30 * time.Second
-	DefaultRetryAfter           = time.Second
-	DefaultStoreTimeout         = 2 * time.Second
-	DefaultFingerprintBodyLimit = 1 << 20
-	DefaultMaxResponseSize      = 1 << 20
-	DefaultProblemTypeBase      = "https://github.com/f8e778d0/idempotency#"
+	defaultHeaderName           = "Idempotency-Key"
+	defaultTTL                  = 24 * time.Hour
+	defaultLockTTL              = 30 * time.Second
+	defaultRetryAfter           = time.Second
+	defaultStoreTimeout         = 2 * time.Second
+	defaultFingerprintBodyLimit = 1 << 20
+	defaultMaxResponseSize      = 1 << 20
+	defaultProblemTypeBase      = "https://github.com/f8e778d0/idempotency#"
 )
 
 // DefaultNoReplayHeaders returns the response headers that are not stored
@@ -141,9 +138,10 @@ func DefaultNoReplayHeaders() []string {
 	return []string{"Date", "Trailer", "Set-Cookie", "WWW-Authenticate", "Proxy-Authenticate", "Authentication-Info"}
 }
 
-// hopByHopHeaders are dropped from every stored response whatever the
-// configuration, with Content-Length, which replay recomputes.
-var hopByHopHeaders = [...]string{"Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authorization", "Te", "Transfer-Encoding", "Upgrade", "Content-Length"}
+// alwaysDropped are dropped from every stored response whatever the
+// configuration: the hop-by-hop headers, Trailer (trailers are never
+// stored), and Content-Length, which replay recomputes.
+var alwaysDropped = [...]string{"Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authorization", "Te", "Transfer-Encoding", "Upgrade", "Trailer", "Content-Length"}
 
 // DefaultShouldStore reports whether a response with the given status is
 // stored by default: every final status except server errors (5xx), 408
@@ -163,8 +161,7 @@ type settings struct {
 	requireKey   bool
 	methods      []string // nil: the default POST, PUT, PATCH
 	store        Store
-	encStore     encodedStore // store, when it is one of this package's
-	boundedStore bool         // calls can block: wrap them in StoreTimeout
+	boundedStore bool // calls can block: bound them by storeTimeout
 	keyScope     func(*http.Request) string
 	failOpen     bool
 	retryAfter   time.Duration
@@ -172,37 +169,31 @@ type settings struct {
 	storeTimeout time.Duration
 	fpLimit      int64
 	fingerprint  func(*http.Request) []byte
-	fpDisabled   bool
 	maxResponse  int
 	shouldStore  func(int) bool
 	noReplay     map[string]bool // canonical names
-	// noReplayLens has bit n set when a name of n bytes (63 for 63 and
-	// more) is in noReplay, so that most names are kept without a look-up.
-	noReplayLens uint64
 	problemBase  string
-	// The problem type URIs, in the order of problemFragments, and the
-	// details that name the header, built once.
-	problemTypes                                         [len(problemFragments)]string
+	writeProblem func(http.ResponseWriter, *http.Request, *Problem)
+	observer     func(Event)
+
+	// The problem details that name the header, built once.
 	detailKeyRequired, detailInProgress, detailKeyReused string
-	writeProblem                                         func(http.ResponseWriter, *http.Request, *Problem)
-	observer                                             func(Event)
 }
 
 func newSettings(cfg Config) *settings {
 	s := &settings{
 		headerName:   cfg.HeaderName,
-		ttl:          cfg.TTL,
-		lockTTL:      cfg.LockTTL,
+		ttl:          durationOrDefault("TTL", cfg.TTL, defaultTTL),
+		lockTTL:      durationOrDefault("LockTTL", cfg.LockTTL, defaultLockTTL),
 		requireKey:   cfg.RequireKey,
 		store:        cfg.Store,
 		keyScope:     cfg.KeyScope,
 		failOpen:     cfg.FailOpen,
-		retryAfter:   cfg.RetryAfter,
+		retryAfter:   durationOrDefault("RetryAfter", cfg.RetryAfter, defaultRetryAfter),
 		wait:         cfg.WaitForInFlight,
-		storeTimeout: cfg.StoreTimeout,
+		storeTimeout: durationOrDefault("StoreTimeout", cfg.StoreTimeout, defaultStoreTimeout),
 		fpLimit:      cfg.FingerprintBodyLimit,
 		fingerprint:  cfg.Fingerprint,
-		fpDisabled:   cfg.DisableFingerprint,
 		maxResponse:  cfg.MaxResponseSize,
 		shouldStore:  cfg.ShouldStore,
 		problemBase:  cfg.ProblemTypeBase,
@@ -210,30 +201,26 @@ func newSettings(cfg Config) *settings {
 		observer:     cfg.Observer,
 	}
 	if s.headerName == "" {
-		s.headerName = DefaultHeaderName
+		s.headerName = defaultHeaderName
 	}
 	if !isToken(s.headerName) {
 		panic(fmt.Sprintf("idempotency: HeaderName %q is not a valid header field name", s.headerName))
 	}
 	s.headerKey = http.CanonicalHeaderKey(s.headerName)
-	s.ttl = durationOrDefault("TTL", s.ttl, DefaultTTL)
-	s.lockTTL = durationOrDefault("LockTTL", s.lockTTL, DefaultLockTTL)
-	s.retryAfter = durationOrDefault("RetryAfter", s.retryAfter, DefaultRetryAfter)
 	if s.wait < 0 {
 		panic("idempotency: WaitForInFlight must not be negative")
 	}
-	s.storeTimeout = durationOrDefault("StoreTimeout", s.storeTimeout, DefaultStoreTimeout)
 	switch {
 	case s.fpLimit < 0:
 		panic("idempotency: FingerprintBodyLimit must not be negative")
 	case s.fpLimit == 0:
-		s.fpLimit = DefaultFingerprintBodyLimit
+		s.fpLimit = defaultFingerprintBodyLimit
 	}
 	switch {
 	case s.maxResponse < 0:
 		panic("idempotency: MaxResponseSize must not be negative")
 	case s.maxResponse == 0:
-		s.maxResponse = DefaultMaxResponseSize
+		s.maxResponse = defaultMaxResponseSize
 	}
 	if cfg.Methods != nil {
 		if len(cfg.Methods) == 0 {
@@ -250,19 +237,10 @@ func newSettings(cfg Config) *settings {
 	if s.store == nil {
 		s.store = NewMemoryStore()
 	}
-	// The stores of this package take records encoded. Only the stores
-	// themselves: a type that embeds one to change a method (a wrapper
-	// that counts calls or injects faults) would otherwise have its
-	// methods bypassed by the promoted encoded ones. The memory store
-	// never blocks, so its calls get no deadline, which would only cost
-	// allocations; any other store may wait on a network.
-	s.boundedStore = true
-	switch st := s.store.(type) {
-	case *MemoryStore:
-		s.encStore, s.boundedStore = st, false
-	case *RedisStore:
-		s.encStore = st
-	}
+	// The memory store never blocks: a deadline on its calls would only
+	// cost allocations. Any other store may wait on a network.
+	_, inMemory := s.store.(*MemoryStore)
+	s.boundedStore = !inMemory
 	if s.shouldStore == nil {
 		s.shouldStore = DefaultShouldStore
 	}
@@ -270,21 +248,15 @@ func newSettings(cfg Config) *settings {
 	if noReplay == nil {
 		noReplay = DefaultNoReplayHeaders()
 	}
-	s.noReplay = make(map[string]bool, len(noReplay)+len(hopByHopHeaders))
-	for _, h := range hopByHopHeaders {
+	s.noReplay = make(map[string]bool, len(noReplay)+len(alwaysDropped))
+	for _, h := range alwaysDropped {
 		s.noReplay[h] = true
 	}
 	for _, h := range noReplay {
 		s.noReplay[http.CanonicalHeaderKey(h)] = true
 	}
-	for h := range s.noReplay {
-		s.noReplayLens |= 1 << min(len(h), 63)
-	}
 	if s.problemBase == "" {
-		s.problemBase = DefaultProblemTypeBase
-	}
-	for i, fragment := range problemFragments {
-		s.problemTypes[i] = s.problemBase + fragment
+		s.problemBase = defaultProblemTypeBase
 	}
 	s.detailKeyRequired = s.headerName + " header is required"
 	s.detailInProgress = "A request with this " + s.headerName + " is already in progress"
@@ -338,6 +310,4 @@ func isToken(v string) bool {
 
 // replayed reports whether a stored response keeps the header field name
 // (canonical): it is not one that is never replayed.
-func (s *settings) replayed(name string) bool {
-	return s.noReplayLens&(1<<min(len(name), 63)) == 0 || !s.noReplay[name]
-}
+func (s *settings) replayed(name string) bool { return !s.noReplay[name] }

@@ -327,7 +327,7 @@ func TestFaultClaimFails(t *testing.T) {
 			r := fs.do(t, "claim-fails")
 			assert.Equal(t, http.StatusServiceUnavailable, r.status)
 			assert.Equal(t, "1", r.header.Get("Retry-After"))
-			assert.Equal(t, idempotency.DefaultProblemTypeBase+idempotency.ProblemStoreUnavailable, r.problemType(t))
+			assert.Equal(t, "https://github.com/f8e778d0/idempotency#"+idempotency.ProblemStoreUnavailable, r.problemType(t))
 			assert.NotContains(t, r.body, errFaultInjected.Error(), "internal error text reached the client")
 		}
 		assert.Zero(t, fs.runs.Load(), "the handler never runs unprotected")
@@ -398,7 +398,7 @@ func TestFaultClaimReplyLost(t *testing.T) {
 		assert.True(t, released || time.Since(start) >= faultLockTTL,
 			"the retry ran while the orphaned claim should still hold the key, and it was not released")
 	case http.StatusConflict:
-		assert.Equal(t, idempotency.DefaultProblemTypeBase+idempotency.ProblemInProgress, retry.problemType(t))
+		assert.Equal(t, "https://github.com/f8e778d0/idempotency#"+idempotency.ProblemInProgress, retry.problemType(t))
 	default:
 		t.Errorf("retry got %d %s", retry.status, retry.body)
 	}

@@ -1,401 +1,328 @@
 package idempotency
 
 import (
+	"bytes"
 	"crypto/sha256"
 	"encoding/binary"
 	"errors"
 	"hash"
 	"io"
 	"net/http"
+	"strings"
 	"sync"
+	"time"
 )
 
-// The default fingerprint is the SHA-256 of these fields, in this order,
-// each framed so that no two requests share an encoding:
+// The default fingerprint identifies a request by its method, path, query,
+// Content-Type and the part of its body the handler read. It is kept as
 //
-//	uint64be(len(method)) || method
-//	uint64be(len(path))   || path     r.URL.EscapedPath()
-//	uint64be(len(query))  || query    r.URL.RawQuery
-//	uint64be(n) || n × (uint64be(len(v)) || v)   the Content-Type values, in order
-//	prefix || uint64be(len(prefix))   the first limit bytes of the body
+//	version   1 byte, fpVersion
+//	digest    32 bytes, SHA-256 of the fields below
+//	length    8 bytes, big endian: how many body bytes the digest covers
+//	flags     1 byte, fpReachedEnd when the body ended after them
 //
-// The body comes last and is framed by its length after it, since it is
-// hashed as it streams and its length is known only at the end. Everything
-// before it is self-delimiting, so the trailing length is enough.
+// The digest covers, each string framed by its 8-byte big-endian length:
+// the method; the path with its percent-encoding normalised (hex digits in
+// upper case, unreserved characters decoded, so /a%2fb is /a%2Fb but not
+// /a/b); the raw query; the number of Content-Type values and each of them
+// normalised (media type and parameter names in lower case, charset values
+// too, no whitespace around ";"); then the body bytes.
 //
-// The path is the escaped path (RawPath when it is a valid encoding of Path,
-// else Path escaped), that is, the path as the client sent it up to
-// canonical escaping: /a%2Fb and /a/b are different requests, as they may
-// be to a router. Bodies that differ only after limit bytes are the same
-// request: the key is the identity; the fingerprint only detects a key
-// reused for another request.
-
+// The body part is what the handler read, up to FingerprintBodyLimit: the
+// middleware never reads ahead of the handler nor after it returned, so a
+// response is never held back to hash a body. A retry matches when its
+// first length body bytes hash the same and, if the original body ended
+// there, the retry's ends there too.
+//
+// Records written before this rule hold a 32-byte digest (33 bytes, ending
+// 0xff, when the body could not be read); they are compared under the rule
+// they were written with (see legacyFingerprint).
 const (
-	// fpScratchSize is the buffer that gathers framed header fields before
-	// they are written to the hash.
-	fpScratchSize = 256
-	// fpReadBufSize is the size of the pooled buffer used to hash and
-	// discard body bytes nobody else reads.
-	fpReadBufSize = 32 << 10
-	// fpInlineSize is the read-ahead space held inside a bodyFingerprint,
-	// enough for a small body without allocating.
-	fpInlineSize = 512
-	// fpMaxEmptyReads is how many reads in a row may return no data and no
-	// error before a body is treated as broken (as bufio does).
-	fpMaxEmptyReads = 100
+	fpVersion    = 2
+	fpLen        = 1 + sha256.Size + 8 + 1
+	fpReachedEnd = 1
 )
 
-// fpHasher is a SHA-256 state with the scratch space it needs to take
-// strings and length frames without allocating. It is pooled.
-type fpHasher struct {
-	h       hash.Hash
-	n       int // bytes pending in scratch
-	scratch [fpScratchSize]byte
-	sum     [sha256.Size]byte
-}
-
-// fpHasherPool holds idle hashers, fpReadBufPool idle read buffers; both
-// are caches with no observable state.
-var (
-	fpHasherPool  = sync.Pool{New: func() any { return &fpHasher{h: sha256.New()} }}
-	fpReadBufPool = sync.Pool{New: func() any { return new([fpReadBufSize]byte) }}
-)
-
-// fpBegin returns a pooled hasher that has hashed the request's method,
-// path, query and Content-Type; the body comes next.
-func fpBegin(r *http.Request) *fpHasher {
-	x := fpHasherPool.Get().(*fpHasher)
-	x.begin(r)
-	return x
-}
-
-// begin starts x afresh, on the request's method, path, query and
-// Content-Type.
-func (x *fpHasher) begin(r *http.Request) {
-	x.h.Reset()
-	x.n = 0
-	x.writeField(r.Method)
+// fpBegin returns a hash that has taken the request's method, path, query
+// and Content-Type; the body comes next.
+func fpBegin(r *http.Request) hash.Hash {
+	h := sha256.New()
+	var b []byte
+	var scratch [256]byte
+	b = appendField(scratch[:0], r.Method)
+	path := ""
 	if r.URL != nil {
-		x.writeField(r.URL.EscapedPath())
-		x.writeField(r.URL.RawQuery)
+		path = normalPath(r.URL.EscapedPath())
+		b = appendField(b, path)
+		b = appendField(b, r.URL.RawQuery)
 	} else {
-		x.writeField("")
-		x.writeField("")
+		b = appendField(b, "")
+		b = appendField(b, "")
 	}
 	ct := r.Header["Content-Type"]
-	x.writeUint(uint64(len(ct)))
+	b = binary.BigEndian.AppendUint64(b, uint64(len(ct)))
 	for _, v := range ct {
-		x.writeField(v)
+		b = appendField(b, normalMediaType(v))
 	}
+	h.Write(b)
+	return h
 }
 
-// fpEnd returns the digest of x (see end) and returns x to its pool.
-func fpEnd(x *fpHasher, hashed int64) [sha256.Size]byte {
-	digest := x.end(hashed)
-	fpHasherPool.Put(x)
-	return digest
+func appendField(b []byte, s string) []byte {
+	b = binary.BigEndian.AppendUint64(b, uint64(len(s)))
+	return append(b, s...)
 }
 
-// end hashes the body length frame, hashed, and returns the digest.
-func (x *fpHasher) end(hashed int64) [sha256.Size]byte {
-	x.writeUint(uint64(hashed))
-	x.flush()
-	x.h.Sum(x.sum[:0])
-	return x.sum
-}
-
-func (x *fpHasher) flush() {
-	if x.n > 0 {
-		x.h.Write(x.scratch[:x.n])
-		x.n = 0
+// fpSeal returns the fingerprint of a request whose first n body bytes h
+// has taken; reachedEnd says whether the body ended after them.
+func fpSeal(h hash.Hash, n int64, reachedEnd bool) []byte {
+	fp := make([]byte, 1, fpLen)
+	fp[0] = fpVersion
+	fp = h.Sum(fp)
+	fp = binary.BigEndian.AppendUint64(fp, uint64(n))
+	var flags byte
+	if reachedEnd {
+		flags = fpReachedEnd
 	}
+	return append(fp, flags)
 }
 
-func (x *fpHasher) writeUint(v uint64) {
-	if len(x.scratch)-x.n < 8 {
-		x.flush()
-	}
-	binary.BigEndian.PutUint64(x.scratch[x.n:], v)
-	x.n += 8
+// emptyBodyFingerprint returns the fingerprint of a request with no body
+// (nil or http.NoBody): nothing read, and the body ended there.
+func emptyBodyFingerprint(r *http.Request) []byte {
+	return fpSeal(fpBegin(r), 0, true)
 }
 
-// writeField hashes s framed by its length.
-func (x *fpHasher) writeField(s string) {
-	x.writeUint(uint64(len(s)))
-	for len(s) > 0 {
-		if x.n == len(x.scratch) {
-			x.flush()
-		}
-		c := copy(x.scratch[x.n:], s)
-		x.n += c
-		s = s[c:]
-	}
-}
-
-// writeBody hashes body bytes as they are.
-func (x *fpHasher) writeBody(p []byte) {
-	x.flush()
-	x.h.Write(p)
-}
-
-// fpHashBody reads body until limit bytes in total have been seen (seen of
-// them already were), hashing and discarding them, using a pooled buffer
-// and never reading past limit. It returns the new total, whether the body
-// ended, and the first error other than io.EOF.
-func fpHashBody(x *fpHasher, body io.Reader, seen, limit int64) (int64, bool, error) {
-	buf := fpReadBufPool.Get().(*[fpReadBufSize]byte)
-	defer fpReadBufPool.Put(buf)
-	empty := 0
-	for seen < limit {
-		p := buf[:min(int64(len(buf)), limit-seen)]
-		n, err := body.Read(p)
-		if n < 0 || n > len(p) {
-			return seen, false, errFpBadRead
-		}
-		x.writeBody(p[:n])
-		seen += int64(n)
-		switch {
-		case err == io.EOF:
-			return seen, true, nil
-		case err != nil:
-			return seen, false, err
-		case n == 0:
-			if empty++; empty >= fpMaxEmptyReads {
-				return seen, false, io.ErrNoProgress
-			}
-		default:
-			empty = 0
-		}
-	}
-	return seen, false, nil
-}
-
-// errFpBadRead reports a body reader that returned an impossible count.
-var errFpBadRead = errors.New("idempotency: request body returned an invalid read count")
-
-// fingerprintRequest returns the default fingerprint of r, for a request
-// that will not run (a retry to be checked against a stored record). It
-// hashes the first limit bytes of r.Body as a stream through a fixed-size
-// pooled buffer and discards them; the rest of the body is left unread. ok
-// is false if the body failed to read before limit bytes or its end.
+// bodyRecorder replaces a request's body for the handler of a first
+// execution. It hashes the bytes the handler reads, up to a limit, notes
+// whether the body ended or failed, and nothing else: it never reads on its
+// own, so a handler that answers without reading the body answers at once.
 //
-// Its digest equals what a [bodyFingerprint] computes for the same request,
-// however the handler reads the body.
-func fingerprintRequest(r *http.Request, limit int64) (digest [sha256.Size]byte, ok bool) {
-	x := fpBegin(r)
-	var seen int64
-	if r.Body != nil && r.Body != http.NoBody && limit > 0 {
-		var err error
-		seen, _, err = fpHashBody(x, r.Body, 0, limit)
-		ok = err == nil
-	} else {
-		ok = true
-	}
-	return fpEnd(x, min(seen, max(limit, 0))), ok
+// A handler may read from another goroutine, even after it returned: the
+// underlying Read is never made under the lock, so a read that blocks
+// blocks no one else, and bytes read after seal are not counted.
+type bodyRecorder struct {
+	body   io.ReadCloser
+	length int64 // declared Content-Length, or -1
+	limit  int64
+
+	mu         sync.Mutex // guards the fields below
+	h          hash.Hash
+	n          int64 // bytes read so far
+	reachedEnd bool
+	failed     bool // a read failed other than with io.EOF
+	sealed     bool
 }
 
-// bodyFingerprint computes the default fingerprint of a request that runs,
-// hashing the body as the handler reads it, so that the body is never
-// buffered whole. It replaces r.Body for the handler. It is meant to be
-// embedded by value in a pooled per-request struct; it is not safe for
-// concurrent use (neither is a request body).
-//
-// Bytes are hashed when they come out of the original body, whoever asks
-// for them: the handler through Read, readAhead, or sum at the end. Only the
-// first limit of them are hashed.
-type bodyFingerprint struct {
-	hs     *fpHasher     // own while hashing; nil once sum has run
-	body   io.ReadCloser // the original body; nil when there is none
-	length int64         // r.ContentLength: -1 when unknown
-	limit  int64         // how many body bytes are hashed
-	seen   int64         // bytes read from body so far
-
-	// buf[off:] holds bytes read ahead and not yet returned to the
-	// handler. It never holds more than limit bytes.
-	buf []byte
-	off int
-
-	err    error // non-EOF error met by readAhead, returned once buf drains
-	eof    bool  // body returned io.EOF
-	closed bool  // the handler closed its body
-
-	digest [sha256.Size]byte // result of sum, once hs is nil
-	ok     bool
-
-	inline [fpInlineSize]byte // first read-ahead space, reused when pooled
-	own    *fpHasher          // the hasher, made once and kept when pooled
+func newBodyRecorder(r *http.Request, limit int64) *bodyRecorder {
+	return &bodyRecorder{body: r.Body, length: r.ContentLength, limit: limit, h: fpBegin(r)}
 }
 
-var _ io.ReadCloser = (*bodyFingerprint)(nil)
-
-// init hashes r's method, path, query and Content-Type, and, when r has a
-// body (neither nil nor http.NoBody), replaces r.Body with f so that the
-// body is hashed as the handler reads it. limit is the number of body bytes
-// hashed; it should be positive (zero hashes no body).
-func (f *bodyFingerprint) init(r *http.Request, limit int64) {
-	if f.own == nil {
-		f.own = &fpHasher{h: sha256.New()}
-	}
-	f.hs = f.own
-	f.hs.begin(r)
-	f.limit = max(limit, 0)
-	f.length = r.ContentLength
-	if r.Body != nil && r.Body != http.NoBody {
-		f.body = r.Body
-		r.Body = f
-	}
-}
-
-// Read serves bytes read ahead first, then reads the original body. After
-// Close it returns http.ErrBodyReadAfterClose, as a server's body does.
-func (f *bodyFingerprint) Read(p []byte) (int, error) {
-	if f.off < len(f.buf) {
-		n := copy(p, f.buf[f.off:])
-		f.off += n
-		if f.off == len(f.buf) {
-			f.buf, f.off = nil, 0
-		}
-		return n, nil
-	}
-	switch {
-	case f.closed:
-		return 0, http.ErrBodyReadAfterClose
-	case f.err != nil:
-		return 0, f.err
-	case f.eof || f.body == nil:
-		return 0, io.EOF
-	}
-	n, err := f.body.Read(p)
+// Read reads from the request body and takes note of what came.
+func (b *bodyRecorder) Read(p []byte) (int, error) {
+	n, err := b.body.Read(p)
 	if n < 0 || n > len(p) {
-		return 0, errFpBadRead
+		n, err = 0, errBadRead
 	}
-	f.consume(p[:n])
-	if err == io.EOF {
-		f.eof = true
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.sealed {
+		return n, err
+	}
+	if hashed := min(int64(n), b.limit-b.n); hashed > 0 {
+		b.h.Write(p[:hashed])
+	}
+	b.n += int64(n)
+	switch {
+	case err == io.EOF, b.length >= 0 && b.n >= b.length:
+		// With a declared length the body is whole once that many bytes
+		// came: on HTTP/2 the io.EOF comes only with one more Read.
+		b.reachedEnd = true
+	case err != nil:
+		b.failed = true
 	}
 	return n, err
 }
 
-// Close marks the body closed for the handler and drops bytes read ahead.
-// It does not close the original body: the server closes it once the
-// handler returns, and sum may still need the rest of its first limit
-// bytes.
-func (f *bodyFingerprint) Close() error {
-	f.closed = true
-	f.buf, f.off = nil, 0
-	return nil
+// Close closes the request body.
+func (b *bodyRecorder) Close() error { return b.body.Close() }
+
+// seal returns the fingerprint of what the handler read. Reads after it
+// are not counted.
+func (b *bodyRecorder) seal() []byte {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.sealed = true
+	return fpSeal(b.h, min(b.n, b.limit), b.reachedEnd && b.n <= b.limit)
 }
 
-// consume hashes the part of p, just read from the original body, that
-// falls within the first limit bytes.
-func (f *bodyFingerprint) consume(p []byte) {
-	if f.seen < f.limit && f.hs != nil {
-		f.hs.writeBody(p[:min(int64(len(p)), f.limit-f.seen)])
+// errBadRead reports a body reader that returned an impossible count.
+var errBadRead = errors.New("idempotency: request body returned an invalid read count")
+
+// matchFingerprint reports whether the retry r has the fingerprint want,
+// under the rule want was written with. It reads at most the body bytes
+// the first request's handler read, and one more to see that the body
+// ends where that one did, bounded by timeout where w lets a read deadline
+// be set. A body that cannot be read that far does not match: a response
+// is replayed only to a request known to be the same.
+func matchFingerprint(w http.ResponseWriter, r *http.Request, want []byte, limit int64, timeout time.Duration) bool {
+	if len(want) != fpLen || want[0] != fpVersion {
+		return bytes.Equal(legacyFingerprint(r, limit), want)
 	}
-	f.seen += int64(len(p))
+	n := int64(binary.BigEndian.Uint64(want[1+sha256.Size:]))
+	reachedEnd := want[fpLen-1]&fpReachedEnd != 0
+	h := fpBegin(r)
+	body := r.Body
+	if body == nil {
+		body = http.NoBody
+	}
+	if n > 0 {
+		if got, err := io.CopyN(h, body, n); got != n || err != nil {
+			return false
+		}
+	}
+	if !bytes.Equal(h.Sum(nil), want[1:1+sha256.Size]) {
+		return false
+	}
+	if !reachedEnd {
+		return true
+	}
+	if r.ContentLength >= 0 {
+		return r.ContentLength == n
+	}
+	rc := http.NewResponseController(w)
+	if rc.SetReadDeadline(time.Now().Add(timeout)) == nil {
+		defer rc.SetReadDeadline(time.Time{})
+	}
+	var one [1]byte
+	got, err := io.ReadFull(body, one[:])
+	return got == 0 && err == io.EOF
 }
 
-// readAhead reads the original body until limit bytes in total have been
-// seen or it ends or fails, keeping the bytes the handler has not read yet
-// in a buffer (at most limit bytes) that later Reads return first. It is
-// called when the final response header is about to go out on HTTP/1.x,
-// where net/http may discard an unread body. A read error is kept and
-// returned by Read once the buffer drains, as the original body would have
-// returned it.
-func (f *bodyFingerprint) readAhead() {
-	if f.body == nil || f.eof || f.err != nil || f.hs == nil || f.seen >= f.limit {
-		return
+// legacyFingerprint returns the fingerprint of r under the rule of records
+// before version 2: the SHA-256 of the method, the escaped path, the raw
+// query and the Content-Type values as sent, each framed by its length,
+// then the first limit bytes of the body followed by their count. Nil when
+// the body fails before limit bytes or its end: such a retry never matches.
+func legacyFingerprint(r *http.Request, limit int64) []byte {
+	h := sha256.New()
+	var b []byte
+	b = appendField(b, r.Method)
+	if r.URL != nil {
+		b = appendField(b, r.URL.EscapedPath())
+		b = appendField(b, r.URL.RawQuery)
+	} else {
+		b = appendField(b, "")
+		b = appendField(b, "")
 	}
-	if f.closed {
-		// The handler is done with the body and will read no more of it:
-		// hash the rest of the prefix now, before net/http discards it.
+	ct := r.Header["Content-Type"]
+	b = binary.BigEndian.AppendUint64(b, uint64(len(ct)))
+	for _, v := range ct {
+		b = appendField(b, v)
+	}
+	h.Write(b)
+	var seen int64
+	if r.Body != nil && r.Body != http.NoBody && limit > 0 {
 		var err error
-		f.seen, f.eof, err = fpHashBody(f.hs, f.body, f.seen, f.limit)
-		if err != nil {
-			f.err = err
+		seen, err = io.CopyN(h, r.Body, limit)
+		if err != nil && err != io.EOF {
+			return nil
 		}
-		return
 	}
-	if f.off > 0 { // keep the unread bytes at the front
-		n := copy(f.buf, f.buf[f.off:])
-		f.buf, f.off = f.buf[:n], 0
+	h.Write(binary.BigEndian.AppendUint64(nil, uint64(seen)))
+	return h.Sum(nil)
+}
+
+// normalPath returns the escaped path p with its percent-encoding
+// normalised: hex digits in upper case and unreserved characters
+// (RFC 3986: letters, digits, "-", ".", "_", "~") decoded. Other escapes,
+// %2F among them, stay escaped. p itself is returned when nothing changes.
+func normalPath(p string) string {
+	i := strings.IndexByte(p, '%')
+	if i < 0 {
+		return p
 	}
-	if f.buf == nil {
-		f.buf = f.inline[:0]
-	}
-	empty := 0
-	// A body that declared its length is complete once that many bytes are
-	// in, even before it reports io.EOF.
-	for f.seen < f.limit && (f.length < 0 || f.seen < f.length) {
-		if len(f.buf) == cap(f.buf) {
-			f.grow()
+	var b strings.Builder
+	b.Grow(len(p))
+	b.WriteString(p[:i])
+	for ; i < len(p); i++ {
+		c := p[i]
+		if c != '%' || i+2 >= len(p) || !isHex(p[i+1]) || !isHex(p[i+2]) {
+			b.WriteByte(c)
+			continue
 		}
-		end := len(f.buf) + int(min(int64(cap(f.buf)-len(f.buf)), f.limit-f.seen))
-		p := f.buf[len(f.buf):end]
-		n, err := f.body.Read(p)
-		if n < 0 || n > len(p) {
-			f.err = errFpBadRead
-			return
+		v := unhex(p[i+1])<<4 | unhex(p[i+2])
+		if isUnreserved(v) {
+			b.WriteByte(v)
+		} else {
+			b.WriteByte('%')
+			b.WriteByte(upperHex(p[i+1]))
+			b.WriteByte(upperHex(p[i+2]))
 		}
-		f.consume(p[:n])
-		f.buf = f.buf[:len(f.buf)+n]
-		switch {
-		case err == io.EOF:
-			f.eof = true
-			return
-		case err != nil:
-			f.err = err
-			return
-		case n == 0:
-			if empty++; empty >= fpMaxEmptyReads {
-				f.err = io.ErrNoProgress
-				return
+		i += 2
+	}
+	if b.Len() == len(p) && b.String() == p {
+		return p
+	}
+	return b.String()
+}
+
+func isHex(c byte) bool {
+	return '0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F'
+}
+
+func unhex(c byte) byte {
+	switch {
+	case c <= '9':
+		return c - '0'
+	case c <= 'F':
+		return c - 'A' + 10
+	}
+	return c - 'a' + 10
+}
+
+func upperHex(c byte) byte {
+	if 'a' <= c && c <= 'f' {
+		return c - 'a' + 'A'
+	}
+	return c
+}
+
+func isUnreserved(c byte) bool {
+	return 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' ||
+		c == '-' || c == '.' || c == '_' || c == '~'
+}
+
+// normalMediaType returns a Content-Type value in a form that equivalent
+// values share: the media type and parameter names in lower case, charset
+// values too (unquoted), and no whitespace around ";" or "=". v itself is
+// returned when it is already in that form.
+func normalMediaType(v string) string {
+	if !strings.ContainsFunc(v, func(c rune) bool { return 'A' <= c && c <= 'Z' || c == ' ' || c == '\t' || c == '"' }) {
+		return v
+	}
+	var b strings.Builder
+	for i, part := range strings.Split(v, ";") {
+		part = strings.TrimSpace(part)
+		if i > 0 {
+			b.WriteByte(';')
+			name, value, ok := strings.Cut(part, "=")
+			name = strings.ToLower(strings.TrimSpace(name))
+			value = strings.TrimSpace(value)
+			if name == "charset" {
+				value = strings.ToLower(strings.Trim(value, `"`))
 			}
-		default:
-			empty = 0
+			b.WriteString(name)
+			if ok {
+				b.WriteByte('=')
+				b.WriteString(value)
+			}
+			continue
 		}
+		b.WriteString(strings.ToLower(part))
 	}
-}
-
-// grow enlarges the full read-ahead buffer, never beyond what limit still
-// allows nor beyond the declared body length. It about doubles the buffer
-// at each step, so that memory follows the bytes that actually arrive, not
-// what a client merely declares.
-func (f *bodyFingerprint) grow() {
-	rest := f.limit - f.seen // > 0
-	if left := f.length - f.seen; f.length >= 0 && left > 0 {
-		rest = min(rest, left)
+	if b.String() == v {
+		return v
 	}
-	rest = min(rest, max(int64(cap(f.buf)), fpReadBufSize))
-	b := make([]byte, len(f.buf), int64(len(f.buf))+rest)
-	copy(b, f.buf)
-	f.buf = b
-}
-
-// sum finishes the fingerprint: if fewer than limit bytes were read from the
-// original body and it has not ended, it reads, hashes and discards the rest
-// of the first limit bytes, then returns the digest. ok is false if the body
-// could not be read that far (the client went away). It is called once the
-// handler has returned; later calls return the same result.
-func (f *bodyFingerprint) sum() (digest [sha256.Size]byte, ok bool) {
-	if f.hs == nil {
-		return f.digest, f.ok
-	}
-	ok = f.err == nil
-	if ok && f.body != nil && !f.eof && f.seen < f.limit {
-		var err error
-		f.seen, f.eof, err = fpHashBody(f.hs, f.body, f.seen, f.limit)
-		ok = err == nil
-	}
-	f.digest, f.ok = f.hs.end(min(f.seen, f.limit)), ok
-	f.hs = nil
-	return f.digest, f.ok
-}
-
-// reset drops every reference f holds so that its owner can be pooled.
-func (f *bodyFingerprint) reset() {
-	f.hs, f.body, f.buf, f.err = nil, nil, nil, nil
-	f.length, f.limit, f.seen, f.off = 0, 0, 0, 0
-	f.eof, f.closed, f.ok = false, false, false
-	f.digest = [sha256.Size]byte{}
+	return b.String()
 }

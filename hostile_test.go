@@ -102,7 +102,7 @@ func TestHostileHugeKey(t *testing.T) {
 	assert.Equal(t, http.StatusBadRequest, r.status)
 	var p idempotency.Problem
 	require.NoError(t, json.Unmarshal([]byte(r.body), &p))
-	assert.Equal(t, idempotency.DefaultProblemTypeBase+idempotency.ProblemKeyInvalid, p.Type)
+	assert.Equal(t, "https://github.com/f8e778d0/idempotency#"+idempotency.ProblemKeyInvalid, p.Type)
 	assert.Contains(t, p.Detail, "at most 255 characters")
 	assert.NotContains(t, r.body, strings.Repeat("k", 256), "the key is not echoed")
 	assert.Less(t, len(r.body), 1024)

@@ -66,7 +66,7 @@ func TestCustomNoReplayHeadersAndWriteProblem(t *testing.T) {
 
 	r = lcDo(t, s.URL, http.MethodPost, "k", `{"other":1}`)
 	assert.Equal(t, http.StatusUnprocessableEntity, r.status)
-	assert.Equal(t, "custom 422 "+idempotency.DefaultProblemTypeBase+idempotency.ProblemKeyReused, r.body)
+	assert.Equal(t, "custom 422 "+"https://github.com/f8e778d0/idempotency#"+idempotency.ProblemKeyReused, r.body)
 	assert.EqualValues(t, 1, problems.Load())
 }
 
@@ -516,7 +516,7 @@ func TestFlightsReusedWhileRenewalsFire(t *testing.T) {
 			defer func() { done <- struct{}{} }()
 			for i := range each {
 				req := httptest.NewRequest(http.MethodPost, "/", strings.NewReader("{}"))
-				req.Header.Set(idempotency.DefaultHeaderName, fmt.Sprintf("reuse-%d-%d", g, i))
+				req.Header.Set("Idempotency-Key", fmt.Sprintf("reuse-%d-%d", g, i))
 				w := httptest.NewRecorder()
 				h.ServeHTTP(w, req)
 				statuses <- w.Code

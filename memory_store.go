@@ -326,8 +326,6 @@ func NewMemoryStore(opts ...MemoryOption) *MemoryStore {
 
 var (
 	_ Store        = (*MemoryStore)(nil)
-	_ Watcher      = (*MemoryStore)(nil)
-	_ encodedStore = (*MemoryStore)(nil)
 )
 
 // Claim takes key for token, holding it for lease, or returns the live
@@ -501,7 +499,7 @@ func (s *MemoryStore) Delete(_ context.Context, key string) error {
 // a watcher bounds its wait by the lease. Watch implements [Watcher], so a
 // request waiting for the key (Config.WaitForInFlight) wakes as soon as the
 // key's owner finishes.
-func (s *MemoryStore) Watch(key string) <-chan struct{} {
+func (s *MemoryStore) watch(key string) <-chan struct{} {
 	sh, k, now := s.lock(key)
 	defer sh.mu.Unlock()
 	e, _ := sh.find(&k, now)

@@ -257,7 +257,7 @@ func TestMemoryStoreBookkeeping(t *testing.T) {
 		case 0:
 			require.NoError(t, store.Complete(ctx, key, "t", &Record{Response: Response{StatusCode: 200}}, time.Hour))
 		case 1:
-			require.NotNil(t, store.Watch(key))
+			require.NotNil(t, store.watch(key))
 		}
 	}
 	memCheckShards(t, store)
@@ -347,7 +347,7 @@ func TestMemoryStoreWatchersGoAway(t *testing.T) {
 		_, err := store.Claim(ctx, key, "t", time.Minute)
 		require.NoError(t, err)
 		assert.Nil(t, sh.watchers, "%s: no watcher yet", name)
-		ch := store.Watch(key)
+		ch := store.watch(key)
 		require.NotNil(t, ch)
 		assert.Len(t, sh.watchers, 1, name)
 		end()

@@ -65,30 +65,10 @@ func WriteProblem(w http.ResponseWriter, _ *http.Request, p *Problem) {
 	_, _ = w.Write(body)
 }
 
-// problemFragments lists the fragments above, in the order of
-// settings.problemTypes.
-var problemFragments = [...]string{
-	ProblemKeyRequired,
-	ProblemKeyInvalid,
-	ProblemInProgress,
-	ProblemKeyReused,
-	ProblemStoreUnavailable,
-	ProblemStoreFull,
-	ProblemNotStored,
-}
-
-// problem builds the Problem for one of the fragments above. Its type is
-// one of the URIs New built, so a problem costs no concatenation.
+// problem builds the Problem for one of the fragments above.
 func (s *settings) problem(fragment string, status int, detail string) *Problem {
-	typ := s.problemBase + fragment
-	for i, f := range problemFragments {
-		if f == fragment {
-			typ = s.problemTypes[i]
-			break
-		}
-	}
 	return &Problem{
-		Type:   typ,
+		Type:   s.problemBase + fragment,
 		Title:  problemTitle(fragment),
 		Status: status,
 		Detail: detail,

@@ -14,7 +14,6 @@ import (
 	"net/textproto"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -133,28 +132,20 @@ func recServe(t *testing.T, opt recOptions, fn func(c *recCall)) *recHarness {
 		if opt.spy {
 			inner = recSpyWriter{ResponseWriter: w, c: c}
 		}
-		var rec recorder
-		calls := 0
-		rec.init(inner, opt.maxBody, func() {
-			calls++
-			c.note("beforeFinal")
-		})
-		c.rec = &rec
+		rec := newRecorder(inner, opt.maxBody)
+		c.rec = rec
 		defer func() {
 			h.out <- recOutcome{
 				status:      rec.status(),
-				header:      snapshotHeader(rec.header()),
-				body:        bytes.Clone(rec.body()),
-				overflowed:  rec.overflowed(),
-				hijacked:    rec.hijacked(),
-				fullDuplex:  rec.fullDuplex(),
-				wroteHeader: rec.wroteHeader(),
-				beforeCalls: calls,
+				header:      rec.header().Clone(),
+				body:        bytes.Clone(rec.buf),
+				overflowed:  rec.over,
+				hijacked:    rec.hijacked,
+				wroteHeader: rec.wrote,
 				events:      c.events,
 				errs:        c.errs,
 				vals:        c.vals,
 			}
-			rec.reset()
 		}()
 		fn(c)
 	}))
@@ -276,12 +267,11 @@ func TestRecorderStatus(t *testing.T) {
 func TestRecorderInvalidStatusPanics(t *testing.T) {
 	for _, code := range []int{0, 99, 1000} {
 		t.Run(fmt.Sprint(code), func(t *testing.T) {
-			var rec recorder
-			rec.init(httptest.NewRecorder(), 10, nil)
+			rec := newRecorder(httptest.NewRecorder(), 10)
 			assert.PanicsWithValue(t, fmt.Sprintf("idempotency: invalid WriteHeader code %d", code), func() {
 				rec.WriteHeader(code)
 			})
-			assert.False(t, rec.wroteHeader())
+			assert.False(t, rec.wrote)
 			assert.Equal(t, http.StatusOK, rec.status())
 		})
 	}
@@ -352,7 +342,7 @@ func TestRecorderInformational(t *testing.T) {
 			h := recServe(t, recOptions{h2: proto.h2, maxBody: 1 << 10}, func(c *recCall) {
 				c.rec.Header().Set("Link", link)
 				c.rec.WriteHeader(http.StatusEarlyHints)
-				c.vals["wroteAfter1xx"] = c.rec.wroteHeader()
+				c.vals["wroteAfter1xx"] = c.rec.wrote
 				c.vals["statusAfter1xx"] = c.rec.status()
 				c.vals["beforeAfter1xx"] = len(c.events)
 				c.rec.Header().Del("Link")
@@ -388,9 +378,7 @@ func TestRecorderInformational(t *testing.T) {
 
 			assert.Equal(t, false, o.vals["wroteAfter1xx"], "1xx is not final")
 			assert.Equal(t, http.StatusOK, o.vals["statusAfter1xx"], "1xx is not the status")
-			assert.Equal(t, 0, o.vals["beforeAfter1xx"], "1xx does not run beforeFinal")
 			assert.Equal(t, http.StatusCreated, o.status)
-			assert.Equal(t, 1, o.beforeCalls)
 			assert.Equal(t, http.Header{"X-Final": {"yes"}}, o.header)
 			assert.Equal(t, "done", string(o.body))
 		})
@@ -398,13 +386,12 @@ func TestRecorderInformational(t *testing.T) {
 }
 
 func TestRecorderSwitchingProtocolsIsFinal(t *testing.T) {
-	var rec recorder
 	w := httptest.NewRecorder()
-	rec.init(w, 10, nil)
+	rec := newRecorder(w, 10)
 	rec.WriteHeader(http.StatusSwitchingProtocols)
 	rec.WriteHeader(http.StatusOK)
 
-	assert.True(t, rec.wroteHeader())
+	assert.True(t, rec.wrote)
 	assert.Equal(t, http.StatusSwitchingProtocols, rec.status())
 	assert.Equal(t, http.StatusSwitchingProtocols, w.Code)
 }
@@ -494,25 +481,20 @@ func (w *recPlainWriter) WriteString(s string) (int, error) {
 }
 
 func TestRecorderUnsupportedCapabilities(t *testing.T) {
-	var rec recorder
 	w := &recPlainWriter{}
-	calls := 0
-	rec.init(w, 10, func() { calls++ })
+	rec := newRecorder(w, 10)
 
 	_, _, err := rec.Hijack()
 	assert.ErrorIs(t, err, http.ErrNotSupported)
-	assert.False(t, rec.hijacked())
-	assert.Equal(t, 0, calls, "no beforeFinal for a hijack that cannot happen")
+	assert.False(t, rec.hijacked)
 
-	assert.ErrorIs(t, rec.EnableFullDuplex(), http.ErrNotSupported)
-	assert.False(t, rec.fullDuplex())
+	assert.ErrorIs(t, http.NewResponseController(rec).EnableFullDuplex(), http.ErrNotSupported)
 
 	// Flush still sends the implied header, even where flushing itself is
 	// not supported, so the first response and the replay agree.
 	assert.ErrorIs(t, rec.FlushError(), http.ErrNotSupported)
 	rec.Flush()
-	assert.Equal(t, 1, calls)
-	assert.True(t, rec.wroteHeader())
+	assert.True(t, rec.wrote)
 	assert.Equal(t, http.StatusOK, w.code)
 	assert.Equal(t, http.StatusOK, rec.status())
 	assert.Same(t, http.ResponseWriter(w), rec.Unwrap())
@@ -527,7 +509,7 @@ func TestRecorderHijack(t *testing.T) {
 				return
 			}
 			defer conn.Close()
-			c.vals["wroteAfterHijack"] = c.rec.wroteHeader()
+			c.vals["wroteAfterHijack"] = c.rec.wrote
 			_, _ = brw.WriteString("HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\nraw ok")
 			c.errs = append(c.errs, brw.Flush())
 		})
@@ -721,7 +703,7 @@ func TestRecorderOverflow(t *testing.T) {
 						c.errs = append(c.errs, err)
 					}
 				}
-				c.vals["cap"] = cap(c.rec.body())
+				c.vals["cap"] = cap(c.rec.buf)
 			})
 			for i, n := range tt.writes {
 				want.Write(bytes.Repeat([]byte{byte('a' + i%26)}, n))
@@ -819,130 +801,6 @@ func TestRecorderRefusedBytes(t *testing.T) {
 	}
 }
 
-func TestRecorderBeforeFinal(t *testing.T) {
-	tests := []struct {
-		name    string
-		h1only  bool
-		handler func(c *recCall)
-		events  []string
-	}{
-		{
-			name: "WriteHeader",
-			handler: func(c *recCall) {
-				c.rec.WriteHeader(http.StatusCreated)
-				c.rec.WriteHeader(http.StatusAccepted)
-				c.rec.WriteHeader(http.StatusEarlyHints) // too late to forward
-				_, _ = c.rec.Write([]byte("x"))
-				c.rec.Flush()
-			},
-			events: []string{"beforeFinal", "header 201", `write "x"`},
-		},
-		{
-			name: "informational first",
-			handler: func(c *recCall) {
-				c.rec.WriteHeader(http.StatusEarlyHints)
-				c.rec.WriteHeader(http.StatusCreated)
-			},
-			events: []string{"header 103", "beforeFinal", "header 201"},
-		},
-		{
-			name:    "Write",
-			handler: func(c *recCall) { _, _ = c.rec.Write([]byte("x")); _, _ = c.rec.Write([]byte("y")) },
-			events:  []string{"beforeFinal", "header 200", `write "x"`, `write "y"`},
-		},
-		{
-			name:    "WriteString",
-			handler: func(c *recCall) { _, _ = io.WriteString(c.rec, "s") },
-			events:  []string{"beforeFinal", "header 200", `write "s"`},
-		},
-		{
-			name:    "Flush",
-			handler: func(c *recCall) { c.rec.Flush(); _, _ = c.rec.Write([]byte("x")) },
-			events:  []string{"beforeFinal", "header 200", `write "x"`},
-		},
-		{
-			name:    "FlushError",
-			handler: func(c *recCall) { _ = c.rec.FlushError(); c.rec.WriteHeader(http.StatusCreated) },
-			events:  []string{"beforeFinal", "header 200"},
-		},
-		{
-			name:   "Hijack",
-			h1only: true,
-			handler: func(c *recCall) {
-				conn, brw, err := c.rec.Hijack()
-				if err != nil {
-					c.errs = append(c.errs, err)
-					return
-				}
-				c.note("hijacked")
-				_, _ = brw.WriteString("HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
-				_ = brw.Flush()
-				conn.Close()
-			},
-			events: []string{"beforeFinal", "hijacked"},
-		},
-		{
-			name:    "nothing written",
-			handler: func(c *recCall) { c.rec.Header().Set("X-A", "1") },
-			events:  nil,
-		},
-	}
-	for _, proto := range recProtos {
-		for _, tt := range tests {
-			if tt.h1only && proto.h2 {
-				continue
-			}
-			t.Run(proto.name+"/"+tt.name, func(t *testing.T) {
-				h := recServe(t, recOptions{h2: proto.h2, maxBody: 1 << 10, spy: true}, tt.handler)
-				h.get(t, proto.h2)
-				o := h.outcome(t)
-
-				assert.Empty(t, o.errs)
-				assert.Equal(t, tt.events, o.events)
-				calls := 0
-				if len(tt.events) > 0 {
-					calls = 1
-				}
-				assert.Equal(t, calls, o.beforeCalls, "beforeFinal runs exactly once")
-			})
-		}
-	}
-}
-
-// TestRecorderBeforeFinalReadsBody checks what beforeFinal is for: on
-// HTTP/1.x it can still read the request body when the handler is about to
-// send the header.
-func TestRecorderBeforeFinalReadsBody(t *testing.T) {
-	payload := strings.Repeat("request body;", 1000)
-	var readAhead []byte
-	var readErr error
-	out := make(chan struct{}, 1)
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		var rec recorder
-		rec.init(w, 1<<10, func() { readAhead, readErr = io.ReadAll(r.Body) })
-		defer func() { rec.reset(); out <- struct{}{} }()
-		rec.WriteHeader(http.StatusCreated)
-		_, _ = rec.Write([]byte("ok"))
-	}))
-	t.Cleanup(srv.Close)
-
-	resp, err := srv.Client().Post(srv.URL, "text/plain", strings.NewReader(payload))
-	require.NoError(t, err)
-	body, err := io.ReadAll(resp.Body)
-	require.NoError(t, err)
-	resp.Body.Close()
-	select {
-	case <-out:
-	case <-time.After(recWait):
-		t.Fatal("handler did not finish")
-	}
-
-	assert.Equal(t, http.StatusCreated, resp.StatusCode)
-	assert.Equal(t, "ok", string(body))
-	assert.NoError(t, readErr)
-	assert.Equal(t, payload, string(readAhead))
-}
-
 func TestRecorderDeadlinesThroughUnwrap(t *testing.T) {
 	for _, proto := range recProtos {
 		t.Run(proto.name, func(t *testing.T) {
@@ -1021,7 +879,6 @@ func TestRecorderEnableFullDuplex(t *testing.T) {
 	for _, proto := range recProtos {
 		t.Run(proto.name, func(t *testing.T) {
 			h := recServe(t, recOptions{h2: proto.h2, maxBody: 1 << 10}, func(c *recCall) {
-				c.vals["before"] = c.rec.fullDuplex()
 				c.errs = append(c.errs, http.NewResponseController(c.rec).EnableFullDuplex())
 				// Full duplex: read the body after the response started.
 				c.rec.WriteHeader(http.StatusOK)
@@ -1036,8 +893,6 @@ func TestRecorderEnableFullDuplex(t *testing.T) {
 			o := h.outcome(t)
 
 			assert.Equal(t, []error{nil, nil}, o.errs)
-			assert.Equal(t, false, o.vals["before"])
-			assert.True(t, o.fullDuplex)
 			assert.Equal(t, "echo me", string(body))
 			assert.Equal(t, "echo me", string(o.body))
 		})
@@ -1068,35 +923,6 @@ func TestRecorderWriteAfterHijack(t *testing.T) {
 	assert.Empty(t, o.body)
 }
 
-func TestRecorderPooling(t *testing.T) {
-	w := httptest.NewRecorder()
-	var rec recorder
-	rec.init(w, 1<<20, nil)
-	_, _ = rec.Write(make([]byte, 1000))
-	rec.reset()
-	assert.Equal(t, recorder{buf: rec.buf}, rec, "reset drops every reference but the buffer")
-	assert.Equal(t, 0, len(rec.buf))
-	assert.GreaterOrEqual(t, cap(rec.buf), 1000, "a small buffer is kept")
-
-	fn := func() {}
-	allocs := testing.AllocsPerRun(100, func() {
-		rec.init(w, 1<<20, fn)
-		rec.reset()
-	})
-	assert.Zero(t, allocs, "init and reset of a pooled recorder")
-
-	rec.init(w, 1<<20, nil)
-	_, _ = rec.Write(make([]byte, recMaxPooledBuf+1))
-	rec.reset()
-	assert.Nil(t, rec.buf, "a large buffer is dropped")
-
-	// A reused recorder starts clean.
-	rec.init(w, 10, nil)
-	assert.False(t, rec.wroteHeader())
-	assert.Equal(t, http.StatusOK, rec.status())
-	assert.Empty(t, rec.body())
-}
-
 // recFlushWriter is a recPlainWriter that can flush.
 type recFlushWriter struct {
 	recPlainWriter
@@ -1107,8 +933,7 @@ func (w *recFlushWriter) Flush() { w.flushes++ }
 
 func TestRecorderWriteAllocations(t *testing.T) {
 	rw := &recFlushWriter{}
-	var rec recorder
-	rec.init(rw, 1<<20, nil)
+	rec := newRecorder(rw, 1<<20)
 	rec.WriteHeader(http.StatusCreated)
 	p := []byte("0123456789")
 	_, _ = rec.Write(p) // the first capture allocates the buffer
@@ -1122,22 +947,20 @@ func TestRecorderWriteAllocations(t *testing.T) {
 	assert.Equal(t, 101, rw.flushes)
 }
 
-// BenchmarkRecorder measures a pooled recorder through a small response.
+// BenchmarkRecorder measures a recorder through a small response.
 func BenchmarkRecorder(b *testing.B) {
 	w := httptest.NewRecorder()
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Location", "/orders/1")
 	body := []byte(`{"id":1,"status":"created"}`)
-	var rec recorder
 	b.ReportAllocs()
 	for b.Loop() {
 		w.Body.Reset()
 		w.Code, w.Flushed = 0, false
-		rec.init(w, 1<<20, nil)
+		rec := newRecorder(w, 1<<20)
 		rec.WriteHeader(http.StatusCreated)
 		_, _ = rec.Write(body)
 		_ = rec.header()
-		rec.reset()
 	}
 }
 
@@ -1147,13 +970,5 @@ var _ interface {
 	http.Hijacker
 	io.StringWriter
 	FlushError() error
-	EnableFullDuplex() error
 	Unwrap() http.ResponseWriter
 } = (*recorder)(nil)
-
-// snapshotHeader returns the fields of s as a header map.
-func snapshotHeader(s *headerSnapshot) http.Header {
-	h := http.Header{}
-	s.each(func(name string, values []string) { h[name] = slices.Clone(values) })
-	return h
-}

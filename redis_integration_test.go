@@ -246,7 +246,7 @@ func redisIntAssertUnavailable(t *testing.T, r redisIntResponse) {
 	t.Helper()
 	assert.Equal(t, http.StatusServiceUnavailable, r.status)
 	assert.NotEmpty(t, r.header.Get("Retry-After"), "503 carries Retry-After")
-	assert.Equal(t, idempotency.DefaultProblemTypeBase+idempotency.ProblemStoreUnavailable, r.problemType())
+	assert.Equal(t, "https://github.com/f8e778d0/idempotency#"+idempotency.ProblemStoreUnavailable, r.problemType())
 	assert.False(t, r.replayed())
 }
 
@@ -304,7 +304,7 @@ func TestRedisIntegrationExactlyOnceAcrossInstances(t *testing.T) {
 			case r.status == http.StatusConflict:
 				conflicts++
 				assert.NotEmpty(t, r.header.Get("Retry-After"), "request %d: 409 carries Retry-After", i)
-				assert.Equal(t, idempotency.DefaultProblemTypeBase+idempotency.ProblemInProgress, r.problemType())
+				assert.Equal(t, "https://github.com/f8e778d0/idempotency#"+idempotency.ProblemInProgress, r.problemType())
 			case r.replayed():
 				replays++
 				assert.Equal(t, http.StatusCreated, r.status, "request %d", i)

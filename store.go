@@ -17,8 +17,10 @@ var (
 	ErrNotOwner = errors.New("idempotency: key is not held by this token")
 
 	// ErrStoreFull is returned by Claim when the store refuses a new key
-	// because it holds as many records as it may. Unexpired records are
-	// never evicted to make room: that would allow a second execution.
+	// because it holds as many records or bytes as it may, and by Complete
+	// when it kept a terminal "not stored" record instead of a response
+	// too large for the room left. Unexpired records are never evicted to
+	// make room: that would allow a second execution.
 	ErrStoreFull = errors.New("idempotency: store is full")
 
 	// ErrCorruptRecord is returned when a record exists but cannot be
@@ -90,7 +92,8 @@ type Response struct {
 	Body []byte
 
 	// NotStored, when not empty, says why the response was delivered to the
-	// first client but not kept ("too large", "hijacked"). Such a record is
+	// first client but not kept ("too large", "hijacked", "incomplete",
+	// "store_full"). Such a record is
 	// terminal: its retries get a problem response, never a second
 	// execution. StatusCode and Header (Location only) describe the
 	// original response.
@@ -132,7 +135,11 @@ type Response struct {
 //     [ErrNotOwner] when the key is absent, its lease has expired, or
 //     another token holds or completed it; in that case nothing is written.
 //     Completing a key already completed by the same token returns nil and
-//     leaves the record as it is, so a re-sent Complete is harmless.
+//     leaves the record as it is, so a re-sent Complete is harmless. A
+//     store bounded in bytes that cannot keep rec keeps instead a terminal
+//     record (Response.NotStored "store_full", with rec's status,
+//     Location header, token and fingerprint) and returns [ErrStoreFull]:
+//     the key is completed, never released into a second execution.
 //
 //   - Release deletes the in-flight record held by token, so the next
 //     request with the key runs. It returns [ErrNotOwner] when the key is
@@ -158,29 +165,3 @@ type Store interface {
 	Delete(ctx context.Context, key string) error
 }
 
-// Watcher is an optional interface a [Store] implements to wake requests
-// that wait for an in-flight key (Config.WaitForInFlight) as soon as its
-// owner finishes, instead of polling. [MemoryStore] implements it; other
-// stores are polled with backoff.
-type Watcher interface {
-	// Watch returns a channel that is closed when the claim on the
-	// in-flight key ends (completed, released, deleted, or taken over), or
-	// nil when key is not in flight. It may also never be closed, when the
-	// owner's lease simply runs out: callers bound their wait.
-	Watch(key string) <-chan struct{}
-}
-
-// encodedStore is implemented by the stores of this package, which keep a
-// completed record in the compact encoding of the Redis store (see
-// encodeRecord). The middleware hands them a record it encoded straight
-// from the recorder, and replays a record from its encoding, so neither a
-// first execution nor a replay builds a [Record] and its header map.
-type encodedStore interface {
-	// claimEncoded is Claim, except that a completed record comes back as
-	// its encoding, enc, with rec nil. An in-flight record comes back as
-	// rec; both are zero when the caller now holds the key.
-	claimEncoded(ctx context.Context, key, token string, lease time.Duration) (rec *Record, enc string, err error)
-	// completeEncoded is Complete for a record already encoded, completed
-	// by token. The store copies enc; the caller may reuse it on return.
-	completeEncoded(ctx context.Context, key, token string, enc []byte, ttl time.Duration) error
-}

@@ -157,39 +157,3 @@ func TestWaitModeBoundedAndCancellable(t *testing.T) {
 	assert.Less(t, time.Since(begin), 2*time.Second)
 	assert.EqualValues(t, 1, long.runs.Load())
 }
-
-func TestMemoryStoreWatch(t *testing.T) {
-	ctx := context.Background()
-	store := idempotency.NewMemoryStore()
-	key := idempotency.StorageKey("", "watch")
-	assert.Nil(t, store.Watch(key), "absent key")
-	_, err := store.Claim(ctx, key, "a", time.Minute)
-	require.NoError(t, err)
-	ch := store.Watch(key)
-	require.NotNil(t, ch)
-	assert.Equal(t, ch, store.Watch(key), "watchers share one channel")
-	select {
-	case <-ch:
-		t.Fatal("closed while in flight")
-	default:
-	}
-	require.NoError(t, store.Complete(ctx, key, "a", &idempotency.Record{State: idempotency.StateCompleted, Response: idempotency.Response{StatusCode: 201}}, time.Minute))
-	select {
-	case <-ch:
-	case <-time.After(time.Second):
-		t.Fatal("not woken on completion")
-	}
-	assert.Nil(t, store.Watch(key), "completed key")
-
-	key2 := idempotency.StorageKey("", "watch-release")
-	_, err = store.Claim(ctx, key2, "a", time.Minute)
-	require.NoError(t, err)
-	ch = store.Watch(key2)
-	require.NoError(t, store.Release(ctx, key2, "a"))
-	select {
-	case <-ch:
-	case <-time.After(time.Second):
-		t.Fatal("not woken on release")
-	}
-	assert.Zero(t, store.Len()-1, "nothing left behind for the released key")
-}

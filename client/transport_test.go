@@ -206,7 +206,7 @@ func TestTransportNetworkErrorsExhaustAttempts(t *testing.T) {
 }
 
 func TestTransportRetryDecisions(t *testing.T) {
-	inProgress := idempotency.DefaultProblemTypeBase + idempotency.ProblemInProgress
+	inProgress := "https://github.com/f8e778d0/idempotency#" + idempotency.ProblemInProgress
 	problem := func(typ string) string {
 		return `{"type":"` + typ + `","title":"t","status":409,"detail":"d"}`
 	}
@@ -707,8 +707,8 @@ func TestRetryAfterParse(t *testing.T) {
 }
 
 func TestDefaultsMatchMiddleware(t *testing.T) {
-	assert.Equal(t, idempotency.DefaultHeaderName, DefaultHeaderName)
-	assert.Equal(t, idempotency.DefaultProblemTypeBase, DefaultProblemTypeBase)
+	assert.Equal(t, "Idempotency-Key", DefaultHeaderName)
+	assert.Equal(t, "https://github.com/f8e778d0/idempotency#", DefaultProblemTypeBase)
 	assert.Equal(t, idempotency.ProblemInProgress, ProblemInProgress)
 }
 

@@ -97,7 +97,7 @@ func TestOrdersScenarios(t *testing.T) {
 			case o.executed():
 			case o.status == http.StatusConflict:
 				require.NotNil(t, o.problem, o.scenario)
-				assert.Equal(t, idempotency.DefaultProblemTypeBase+idempotency.ProblemInProgress, o.problem.Type, o.scenario)
+				assert.Equal(t, "https://github.com/f8e778d0/idempotency#"+idempotency.ProblemInProgress, o.problem.Type, o.scenario)
 				assert.Equal(t, "A request with this Idempotency-Key is already in progress", o.problem.Detail, o.scenario)
 				assert.False(t, o.replayed, o.scenario)
 			default:
@@ -112,14 +112,14 @@ func TestOrdersScenarios(t *testing.T) {
 	t.Run("same key with a different body is refused", func(t *testing.T) {
 		assert.Equal(t, http.StatusUnprocessableEntity, rep.mismatch.status)
 		require.NotNil(t, rep.mismatch.problem)
-		assert.Equal(t, idempotency.DefaultProblemTypeBase+idempotency.ProblemKeyReused, rep.mismatch.problem.Type)
+		assert.Equal(t, "https://github.com/f8e778d0/idempotency#"+idempotency.ProblemKeyReused, rep.mismatch.problem.Type)
 		assert.False(t, rep.mismatch.replayed)
 	})
 
 	t.Run("missing key on the strict route is refused", func(t *testing.T) {
 		assert.Equal(t, http.StatusBadRequest, rep.missingKey.status)
 		require.NotNil(t, rep.missingKey.problem)
-		assert.Equal(t, idempotency.DefaultProblemTypeBase+idempotency.ProblemKeyRequired, rep.missingKey.problem.Type)
+		assert.Equal(t, "https://github.com/f8e778d0/idempotency#"+idempotency.ProblemKeyRequired, rep.missingKey.problem.Type)
 		assert.Equal(t, "Idempotency-Key header is required", rep.missingKey.problem.Detail)
 	})
 

@@ -1,0 +1,283 @@
+package idempotency
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+)
+
+// run executes the handler for a request that holds the claim on skey, then
+// completes or releases the key.
+func (h *handler) run(w http.ResponseWriter, r *http.Request, skey, key, token string, claimedAt time.Time) {
+	s := h.s
+	ctx, cancel := context.WithCancelCause(r.Context())
+	r2 := r.WithContext(&keyContext{Context: ctx, key: key, claimed: true})
+	f := &flight{s: s, r: r, skey: skey, token: token, cancel: cancel}
+
+	switch {
+	case s.fingerprint != nil:
+		f.fingerprint = s.fingerprint(r2)
+	case r2.Body != nil && r2.Body != http.NoBody:
+		f.body = newBodyRecorder(r2, s.fpLimit)
+		r2.Body = f.body
+	}
+	rec := newRecorder(w, s.maxResponse)
+
+	f.startLease(claimedAt)
+	start := time.Now()
+	normal := false
+	defer func() {
+		if !normal {
+			// A panic or runtime.Goexit in the handler: release the claim
+			// so a retry can run, without recovering, so the panic goes on
+			// untouched.
+			f.stopLease()
+			cancel(nil)
+			f.release()
+			s.observe(Event{Outcome: OutcomeReleased, Request: r, StorageKey: skey, Duration: time.Since(start), Detail: "handler panicked"})
+		}
+	}()
+	h.next.ServeHTTP(rec, r2)
+	normal = true
+	f.stopLease()
+	cancel(nil)
+	if f.body != nil {
+		f.fingerprint = f.body.seal()
+	} else if s.fingerprint == nil {
+		f.fingerprint = emptyBodyFingerprint(r)
+	}
+	f.finish(rec, time.Since(start))
+}
+
+// flight is the state of one claimed request while its handler runs and
+// until its key is settled.
+type flight struct {
+	s           *settings
+	r           *http.Request // as the middleware received it
+	skey, token string
+	cancel      context.CancelCauseFunc // the handler's context
+	body        *bodyRecorder           // nil without a body or with a custom fingerprint
+	fingerprint []byte
+
+	mu       sync.Mutex // guards the fields below
+	timer    *time.Timer
+	deadline time.Time // when the claim runs out unless renewed
+	stopped  bool      // the handler returned: renew no more
+	lost     bool      // the claim may be somebody else's
+}
+
+// startLease arms the renewal of the claim taken at claimedAt.
+func (f *flight) startLease(claimedAt time.Time) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.deadline = claimedAt.Add(f.s.lockTTL)
+	f.timer = time.AfterFunc(f.s.lockTTL/3, f.renew)
+}
+
+// stopLease stops renewing the claim and waits for a renewal under way.
+func (f *flight) stopLease() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.stopped = true
+	f.timer.Stop()
+}
+
+// renew extends the lease every LockTTL/3 while the handler runs. A failed
+// renewal is retried while the lease lasts; once it is lost the handler's
+// context is cancelled with ErrLeaseLost. A renewal waits for the store no
+// longer than the lease has left, less a margin of LockTTL/10, so that the
+// handler is cancelled before another request can take the key over.
+func (f *flight) renew() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.stopped || f.lost {
+		return
+	}
+	s := f.s
+	before := time.Now()
+	margin := s.lockTTL / 10
+	wait := max(f.deadline.Sub(before)-margin, margin)
+	ctx, cancel := s.detachedContext(f.r.Context(), min(s.storeTimeout, wait))
+	err := s.store.Extend(ctx, f.skey, f.token, s.lockTTL)
+	cancel()
+	switch {
+	case err == nil:
+		f.deadline = before.Add(s.lockTTL)
+		f.timer.Reset(s.lockTTL / 3)
+	case errors.Is(err, ErrNotOwner):
+		f.loseLease(err)
+	default:
+		s.observe(Event{Outcome: OutcomeStoreError, Request: f.r, StorageKey: f.skey, Err: err})
+		left := time.Until(f.deadline) - margin
+		if left <= 0 {
+			f.loseLease(err)
+			return
+		}
+		f.timer.Reset(min(left/2, margin, time.Second))
+	}
+}
+
+// loseLease records that the claim is gone and tells the handler. Called
+// with f.mu held.
+func (f *flight) loseLease(err error) {
+	f.lost = true
+	f.cancel(ErrLeaseLost)
+	f.s.observe(Event{Outcome: OutcomeLeaseLost, Request: f.r, StorageKey: f.skey, Err: err})
+}
+
+// finish settles the key once the handler has returned: it completes it
+// with the response, or with a terminal "not stored" record, or releases
+// it. The observer hears of it afterwards.
+func (f *flight) finish(rec *recorder, took time.Duration) {
+	s, r := f.s, f.r
+	status := rec.status()
+	release := func(detail string) {
+		f.release()
+		s.observe(Event{Outcome: OutcomeReleased, Request: r, StorageKey: f.skey, Status: status, Duration: took, Detail: detail})
+	}
+	switch {
+	case f.lost:
+		// The handler was told, through ErrLeaseLost, that the key may be
+		// somebody else's: what it wrote is no result to replay.
+		release("lease lost")
+	case rec.hijacked:
+		if !rec.wrote {
+			status = http.StatusSwitchingProtocols
+		}
+		f.complete(f.notStored(rec, status, "hijacked"), took)
+	case f.body != nil && f.body.failed && (status < 200 || status >= 400):
+		// The request did not arrive whole and did not succeed: its
+		// identical retry must run, not meet a 422.
+		release("request body failed")
+	case !s.shouldStore(status):
+		release("")
+	case rec.over:
+		f.complete(f.notStored(rec, status, "too large"), took)
+	case rec.incomplete() && r.Method != http.MethodHead:
+		f.complete(f.notStored(rec, status, "incomplete"), took)
+	default:
+		f.complete(&Record{
+			State:       StateCompleted,
+			Token:       f.token,
+			Fingerprint: f.fingerprint,
+			Response:    Response{StatusCode: status, Header: s.storedHeader(rec, status), Body: rec.buf},
+		}, took)
+	}
+}
+
+// notStored returns the terminal record of a response that reached its
+// client but cannot be replayed.
+func (f *flight) notStored(rec *recorder, status int, reason string) *Record {
+	resp := Response{StatusCode: status, NotStored: reason}
+	if loc := rec.header().Values("Location"); len(loc) > 0 {
+		resp.Header = http.Header{"Location": loc}
+	}
+	return &Record{State: StateCompleted, Token: f.token, Fingerprint: f.fingerprint, Response: resp}
+}
+
+// storedHeader returns the header to store: the snapshot taken when the
+// final header was written, under canonical names, without the headers
+// that are never replayed, trailers of either kind, or Content-Length
+// (replay sets it), and with the Content-Type that net/http sniffed when
+// the handler set none.
+func (s *settings) storedHeader(rec *recorder, status int) http.Header {
+	snap := rec.header()
+	trailers := make(map[string]bool)
+	for _, v := range snap.Values("Trailer") {
+		for name := range strings.SplitSeq(v, ",") {
+			trailers[http.CanonicalHeaderKey(strings.TrimSpace(name))] = true
+		}
+	}
+	h := make(http.Header, len(snap)+1)
+	for name, values := range snap {
+		if len(name) >= len(http.TrailerPrefix) && strings.EqualFold(name[:len(http.TrailerPrefix)], http.TrailerPrefix) {
+			continue
+		}
+		name = http.CanonicalHeaderKey(name)
+		if trailers[name] || !s.replayed(name) {
+			continue
+		}
+		h[name] = append(h[name], values...)
+	}
+	// A handler that set no Content-Type got the one net/http sniffed from
+	// the first bytes it sent; the replay must not sniff the whole body.
+	if _, ok := h["Content-Type"]; !ok && s.replayed("Content-Type") && bodyAllowed(status) &&
+		snap.Get("Content-Encoding") == "" && snap.Get("Transfer-Encoding") == "" {
+		if ctype, ok := rec.sniffedType(); ok {
+			h["Content-Type"] = []string{ctype}
+		}
+	}
+	return h
+}
+
+// complete stores rec if this request still owns the key. The first
+// attempt is made here; when the store fails, the attempts go on in the
+// background while the lease lasts, so that a brief store outage neither
+// keeps the client waiting nor turns into a second execution.
+func (f *flight) complete(rec *Record, took time.Duration) {
+	err := f.tryComplete(rec)
+	if err != nil && !errors.Is(err, ErrNotOwner) && !errors.Is(err, ErrStoreFull) {
+		go f.completeLater(rec, took, err)
+		f.s.observe(Event{Outcome: OutcomeStoreError, Request: f.r, StorageKey: f.skey, Err: err})
+		return
+	}
+	f.completed(rec, took, err)
+}
+
+// tryComplete makes one attempt to store rec.
+func (f *flight) tryComplete(rec *Record) error {
+	ctx, cancel := f.s.detachedContext(f.r.Context(), f.s.storeTimeout)
+	defer cancel()
+	return f.s.store.Complete(ctx, f.skey, f.token, rec, f.s.ttl)
+}
+
+// completeLater retries a completion that failed with err, with backoff,
+// until it succeeds or the lease, which nobody renews any more, runs out.
+func (f *flight) completeLater(rec *Record, took time.Duration, err error) {
+	backoff := 10 * time.Millisecond
+	for {
+		if time.Until(f.deadline) <= backoff {
+			f.s.observe(Event{Outcome: OutcomeNotStored, Request: f.r, StorageKey: f.skey, Status: rec.Response.StatusCode,
+				Detail: "store unavailable", Err: err, Duration: took})
+			return
+		}
+		time.Sleep(backoff)
+		backoff = min(2*backoff, time.Second)
+		if err = f.tryComplete(rec); err == nil || errors.Is(err, ErrNotOwner) || errors.Is(err, ErrStoreFull) {
+			f.completed(rec, took, err)
+			return
+		}
+	}
+}
+
+// completed reports a completion that ended with err (nil, ErrNotOwner or
+// ErrStoreFull) to the observer.
+func (f *flight) completed(rec *Record, took time.Duration, err error) {
+	e := Event{Request: f.r, StorageKey: f.skey, Status: rec.Response.StatusCode, Duration: took, Err: err}
+	switch {
+	case errors.Is(err, ErrNotOwner):
+		e.Outcome = OutcomeLeaseLost
+	case errors.Is(err, ErrStoreFull):
+		e.Outcome, e.Detail = OutcomeNotStored, "store_full"
+	case rec.Response.NotStored != "":
+		e.Outcome, e.Detail = OutcomeNotStored, rec.Response.NotStored
+	default:
+		e.Outcome = OutcomeExecuted
+	}
+	f.s.observe(e)
+}
+
+// release gives up the claim (only if this request still owns it) so that
+// a retry runs the handler again. A release that fails leaves the claim to
+// expire within LockTTL.
+func (f *flight) release() {
+	ctx, cancel := f.s.detachedContext(f.r.Context(), f.s.storeTimeout)
+	err := f.s.store.Release(ctx, f.skey, f.token)
+	cancel()
+	if err != nil && !errors.Is(err, ErrNotOwner) {
+		f.s.observe(Event{Outcome: OutcomeStoreError, Request: f.r, StorageKey: f.skey, Err: err})
+	}
+}
