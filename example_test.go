@@ -2,6 +2,7 @@ package idempotency_test
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"log"
 	"log/slog"
@@ -24,6 +25,11 @@ func exampleOrders() http.Handler {
 	var next atomic.Int64
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /orders", func(w http.ResponseWriter, r *http.Request) {
+		var order struct{ Item string }
+		if err := json.NewDecoder(r.Body).Decode(&order); err != nil {
+			http.Error(w, "malformed order", http.StatusBadRequest)
+			return
+		}
 		id := next.Add(1)
 		w.Header().Set("Content-Type", "application/json")
 		w.Header().Set("Location", fmt.Sprintf("/orders/%d", id))

@@ -426,6 +426,7 @@ func TestFaultCompleteFailsBriefly(t *testing.T) {
 	fs := faultServeCreated(t, idempotency.Config{Store: store, LockTTL: faultLockTTL})
 	first := fs.do(t, "blip")
 	assert.Equal(t, http.StatusCreated, first.status)
+	faultEventually(t, func() bool { return fs.events.count(idempotency.OutcomeExecuted) == 1 }, "the background retries store it")
 	assert.Equal(t, 3, store.count(faultComplete), "two failures, then the retry stored it")
 	assert.Equal(t, 2, fs.events.count(idempotency.OutcomeStoreError))
 	assert.Equal(t, 1, fs.events.count(idempotency.OutcomeExecuted))
@@ -450,6 +451,10 @@ func TestFaultCompleteFailsPastLease(t *testing.T) {
 	first := fs.do(t, "outage")
 	assert.Equal(t, http.StatusCreated, first.status, "the response is delivered")
 	assert.JSONEq(t, `{"order":1}`, first.body)
+	assert.Less(t, time.Since(start), faultLockTTL, "the client does not wait for the completion retries")
+	faultEventually(t, func() bool {
+		return fs.events.count(idempotency.OutcomeLeaseLost)+fs.events.count(idempotency.OutcomeNotStored) > 0
+	}, "the completion retries give up")
 	assert.Greater(t, store.count(faultComplete), 1, "completion was retried")
 	assert.Less(t, time.Since(start), 5*time.Second, "completion retries end with the lease")
 	assert.Zero(t, fs.events.count(idempotency.OutcomeExecuted))
@@ -478,6 +483,7 @@ func TestFaultCompleteReplyLost(t *testing.T) {
 	fs := faultServeCreated(t, idempotency.Config{Store: store, LockTTL: faultLockTTL})
 	first := fs.do(t, "lost-complete")
 	assert.Equal(t, http.StatusCreated, first.status)
+	faultEventually(t, func() bool { return fs.events.count(idempotency.OutcomeExecuted) == 1 }, "the background retry stores it")
 	assert.Equal(t, 2, store.count(faultComplete), "the completion was sent again")
 	assert.Equal(t, 1, fs.events.count(idempotency.OutcomeExecuted), "the re-sent completion is accepted")
 	assert.Zero(t, fs.events.count(idempotency.OutcomeLeaseLost))

@@ -114,10 +114,6 @@ type bodyRecorder struct {
 	sealed     bool
 }
 
-func newBodyRecorder(r *http.Request, limit int64) *bodyRecorder {
-	return &bodyRecorder{body: r.Body, length: r.ContentLength, limit: limit, h: fpBegin(r)}
-}
-
 // Read reads from the request body and takes note of what came.
 func (b *bodyRecorder) Read(p []byte) (int, error) {
 	n, err := b.body.Read(p)
@@ -134,12 +130,12 @@ func (b *bodyRecorder) Read(p []byte) (int, error) {
 	}
 	b.n += int64(n)
 	switch {
+	case err != nil && err != io.EOF:
+		b.failed = true
 	case err == io.EOF, b.length >= 0 && b.n >= b.length:
 		// With a declared length the body is whole once that many bytes
 		// came: on HTTP/2 the io.EOF comes only with one more Read.
 		b.reachedEnd = true
-	case err != nil:
-		b.failed = true
 	}
 	return n, err
 }

@@ -13,43 +13,45 @@ import (
 // completes or releases the key.
 func (h *handler) run(w http.ResponseWriter, r *http.Request, skey, key, token string, claimedAt time.Time) {
 	s := h.s
+	f := &flight{s: s, r: r, skey: skey, token: token}
 	ctx, cancel := context.WithCancelCause(r.Context())
-	r2 := r.WithContext(&keyContext{Context: ctx, key: key, claimed: true})
-	f := &flight{s: s, r: r, skey: skey, token: token, cancel: cancel}
-
-	switch {
-	case s.fingerprint != nil:
-		f.fingerprint = s.fingerprint(r2)
-	case r2.Body != nil && r2.Body != http.NoBody:
-		f.body = newBodyRecorder(r2, s.fpLimit)
-		r2.Body = f.body
-	}
-	rec := newRecorder(w, s.maxResponse)
+	f.cancel = cancel
+	f.ctx = keyContext{Context: ctx, key: key, claimed: true}
+	r2 := r.WithContext(&f.ctx)
+	f.rec = recorder{w: w, maxBody: s.maxResponse, declLen: -1, flushed: -1}
 
 	f.startLease(claimedAt)
 	start := time.Now()
 	normal := false
 	defer func() {
 		if !normal {
-			// A panic or runtime.Goexit in the handler: release the claim
-			// so a retry can run, without recovering, so the panic goes on
-			// untouched.
+			// A panic or runtime.Goexit in the handler or a custom
+			// fingerprint: release the claim so a retry can run, without
+			// recovering, so the panic goes on untouched.
 			f.stopLease()
 			cancel(nil)
 			f.release()
 			s.observe(Event{Outcome: OutcomeReleased, Request: r, StorageKey: skey, Duration: time.Since(start), Detail: "handler panicked"})
 		}
 	}()
-	h.next.ServeHTTP(rec, r2)
+	switch {
+	case s.fingerprint != nil:
+		f.fingerprint = s.fingerprint(r2)
+	case r2.Body != nil && r2.Body != http.NoBody:
+		f.body = bodyRecorder{body: r2.Body, length: r2.ContentLength, limit: s.fpLimit, h: fpBegin(r2)}
+		r2.Body = &f.body
+	}
+	h.next.ServeHTTP(&f.rec, r2)
 	normal = true
 	f.stopLease()
 	cancel(nil)
-	if f.body != nil {
+	switch {
+	case f.body.body != nil:
 		f.fingerprint = f.body.seal()
-	} else if s.fingerprint == nil {
+	case s.fingerprint == nil:
 		f.fingerprint = emptyBodyFingerprint(r)
 	}
-	f.finish(rec, time.Since(start))
+	f.finish(time.Since(start))
 }
 
 // flight is the state of one claimed request while its handler runs and
@@ -58,8 +60,10 @@ type flight struct {
 	s           *settings
 	r           *http.Request // as the middleware received it
 	skey, token string
-	cancel      context.CancelCauseFunc // the handler's context
-	body        *bodyRecorder           // nil without a body or with a custom fingerprint
+	ctx         keyContext              // the handler's context
+	cancel      context.CancelCauseFunc // cancels ctx
+	rec         recorder                // the handler's response writer
+	body        bodyRecorder            // the handler's request body, when it has one
 	fingerprint []byte
 
 	mu       sync.Mutex // guards the fields below
@@ -131,8 +135,8 @@ func (f *flight) loseLease(err error) {
 // finish settles the key once the handler has returned: it completes it
 // with the response, or with a terminal "not stored" record, or releases
 // it. The observer hears of it afterwards.
-func (f *flight) finish(rec *recorder, took time.Duration) {
-	s, r := f.s, f.r
+func (f *flight) finish(took time.Duration) {
+	s, r, rec := f.s, f.r, &f.rec
 	status := rec.status()
 	release := func(detail string) {
 		f.release()
@@ -148,7 +152,7 @@ func (f *flight) finish(rec *recorder, took time.Duration) {
 			status = http.StatusSwitchingProtocols
 		}
 		f.complete(f.notStored(rec, status, "hijacked"), took)
-	case f.body != nil && f.body.failed && (status < 200 || status >= 400):
+	case f.body.failed && (status < 200 || status >= 400):
 		// The request did not arrive whole and did not succeed: its
 		// identical retry must run, not meet a 422.
 		release("request body failed")
@@ -182,35 +186,50 @@ func (f *flight) notStored(rec *recorder, status int, reason string) *Record {
 // final header was written, under canonical names, without the headers
 // that are never replayed, trailers of either kind, or Content-Length
 // (replay sets it), and with the Content-Type that net/http sniffed when
-// the handler set none.
+// the handler set none. The snapshot is the recorder's own copy, so it is
+// filtered in place.
 func (s *settings) storedHeader(rec *recorder, status int) http.Header {
-	snap := rec.header()
-	trailers := make(map[string]bool)
-	for _, v := range snap.Values("Trailer") {
-		for name := range strings.SplitSeq(v, ",") {
-			trailers[http.CanonicalHeaderKey(strings.TrimSpace(name))] = true
-		}
+	h := rec.header()
+	if !rec.wrote {
+		h = h.Clone()
 	}
-	h := make(http.Header, len(snap)+1)
-	for name, values := range snap {
-		if len(name) >= len(http.TrailerPrefix) && strings.EqualFold(name[:len(http.TrailerPrefix)], http.TrailerPrefix) {
-			continue
+	declared := h.Values("Trailer")
+	for name, values := range h {
+		canonical := http.CanonicalHeaderKey(name)
+		switch {
+		case len(name) >= len(http.TrailerPrefix) && strings.EqualFold(name[:len(http.TrailerPrefix)], http.TrailerPrefix),
+			!s.replayed(canonical), isDeclaredTrailer(declared, canonical):
+			delete(h, name)
+		case canonical != name:
+			delete(h, name)
+			h[canonical] = append(h[canonical], values...)
 		}
-		name = http.CanonicalHeaderKey(name)
-		if trailers[name] || !s.replayed(name) {
-			continue
-		}
-		h[name] = append(h[name], values...)
 	}
 	// A handler that set no Content-Type got the one net/http sniffed from
-	// the first bytes it sent; the replay must not sniff the whole body.
-	if _, ok := h["Content-Type"]; !ok && s.replayed("Content-Type") && bodyAllowed(status) &&
-		snap.Get("Content-Encoding") == "" && snap.Get("Transfer-Encoding") == "" {
-		if ctype, ok := rec.sniffedType(); ok {
+	// the first bytes it sent, or none when it flushed before any: the
+	// replay must not sniff the whole body instead. A Content-Type present
+	// with no value stops net/http from sniffing.
+	if _, ok := h["Content-Type"]; !ok && s.replayed("Content-Type") && bodyAllowed(status) && len(rec.buf) > 0 &&
+		h.Get("Content-Encoding") == "" {
+		h["Content-Type"] = nil
+		if ctype, ok := rec.sniffedType(); ok && rec.header().Get("Transfer-Encoding") == "" {
 			h["Content-Type"] = []string{ctype}
 		}
 	}
 	return h
+}
+
+// isDeclaredTrailer reports whether the canonical name is among the
+// trailers that the Trailer header values declared.
+func isDeclaredTrailer(declared []string, name string) bool {
+	for _, v := range declared {
+		for t := range strings.SplitSeq(v, ",") {
+			if http.CanonicalHeaderKey(strings.TrimSpace(t)) == name {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // complete stores rec if this request still owns the key. The first
@@ -250,6 +269,7 @@ func (f *flight) completeLater(rec *Record, took time.Duration, err error) {
 			f.completed(rec, took, err)
 			return
 		}
+		f.s.observe(Event{Outcome: OutcomeStoreError, Request: f.r, StorageKey: f.skey, Err: err})
 	}
 }
 
@@ -259,7 +279,7 @@ func (f *flight) completed(rec *Record, took time.Duration, err error) {
 	e := Event{Request: f.r, StorageKey: f.skey, Status: rec.Response.StatusCode, Duration: took, Err: err}
 	switch {
 	case errors.Is(err, ErrNotOwner):
-		e.Outcome = OutcomeLeaseLost
+		e.Outcome, e.Status = OutcomeLeaseLost, 0
 	case errors.Is(err, ErrStoreFull):
 		e.Outcome, e.Detail = OutcomeNotStored, "store_full"
 	case rec.Response.NotStored != "":

@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/base64"
 	"errors"
+	"fmt"
 	"net/http"
 	"strconv"
 	"sync/atomic"
@@ -82,8 +84,7 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if s.keyScope != nil {
 		scope = s.keyScope(r)
 	}
-	skey := StorageKey(scope, key)
-	token := h.tokens.next()
+	skey, token := h.keyAndToken(scope, key)
 
 	// 3. Claim the key, or get the record that is there, in one operation.
 	ctx, cancel := s.storeContext(r.Context())
@@ -94,6 +95,9 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		rec, claimedAt, err = s.awaitInFlight(r.Context(), skey, token, rec)
 	}
 
+	if err == nil && rec != nil {
+		err = checkRecord(rec)
+	}
 	switch {
 	case err != nil:
 		h.claimFailed(w, r, skey, key, err)
@@ -104,6 +108,22 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	default:
 		s.conflict(w, r, skey, rec)
 	}
+}
+
+// checkRecord returns an error wrapping ErrCorruptRecord when a store
+// returned a record that cannot be answered from, so that the request fails
+// closed rather than replaying nonsense or running twice.
+func checkRecord(rec *Record) error {
+	switch {
+	case rec.State == StateInFlight:
+		return nil
+	case rec.State != StateCompleted:
+		return fmt.Errorf("%w: state %d", ErrCorruptRecord, rec.State)
+	case rec.Response.StatusCode < 200 && !(rec.Response.StatusCode == http.StatusSwitchingProtocols && rec.Response.NotStored != ""),
+		rec.Response.StatusCode > 999:
+		return fmt.Errorf("%w: status %d", ErrCorruptRecord, rec.Response.StatusCode)
+	}
+	return nil
 }
 
 // claimFailed answers a request whose claim could not be made.
@@ -224,7 +244,7 @@ func (s *settings) storeContext(parent context.Context) (context.Context, contex
 // stored, and it is bounded by timeout for a store that can block.
 func (s *settings) detachedContext(parent context.Context, timeout time.Duration) (context.Context, context.CancelFunc) {
 	if !s.boundedStore {
-		return context.WithoutCancel(parent), func() {}
+		return context.Background(), func() {}
 	}
 	return context.WithTimeout(context.WithoutCancel(parent), timeout)
 }
@@ -252,8 +272,16 @@ func newTokenSource() *tokenSource {
 	return t
 }
 
-// next returns a new token.
-func (t *tokenSource) next() string {
+// keyAndToken returns the storage key of key under scope and a new owner
+// token, in one allocation: a store that keeps the claim keeps both.
+func (h *handler) keyAndToken(scope, key string) (skey, token string) {
+	var buf [2*sha256.Size + tokenLen]byte
+	both := string(h.tokens.append(appendStorageKey(buf[:0], scope, key)))
+	return both[:2*sha256.Size], both[2*sha256.Size:]
+}
+
+// append appends a new token to dst.
+func (t *tokenSource) append(dst []byte) []byte {
 	const digits = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 	var buf [tokenLen]byte
 	copy(buf[:], t.prefix[:])
@@ -262,5 +290,5 @@ func (t *tokenSource) next() string {
 		buf[i] = digits[n&63]
 		n >>= 6
 	}
-	return string(buf[:])
+	return append(dst, buf[:]...)
 }

@@ -517,6 +517,8 @@ func TestLifecycleStep7CompletionRetriedAfterStoreBlip(t *testing.T) {
 	s := lcStart(t, idempotency.Config{Store: store}, lcCreated)
 	first := lcDo(t, s.URL, http.MethodPost, "k", `{}`)
 	assert.Equal(t, http.StatusCreated, first.status)
+	require.Eventually(t, func() bool { return s.events.count(idempotency.OutcomeExecuted) == 1 }, 5*time.Second, time.Millisecond,
+		"the background retries store it")
 	r := lcDo(t, s.URL, http.MethodPost, "k", `{}`)
 	assert.True(t, r.replayed())
 	assert.Equal(t, first.body, r.body)

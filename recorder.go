@@ -48,6 +48,8 @@ type recorder struct {
 	hijacked bool // Hijack succeeded
 }
 
+// newRecorder returns a recorder wrapping w that captures up to maxBody
+// bytes of body.
 func newRecorder(w http.ResponseWriter, maxBody int) *recorder {
 	return &recorder{w: w, maxBody: maxBody, declLen: -1, flushed: -1}
 }
@@ -189,8 +191,14 @@ func (rec *recorder) capture(size int, p []byte, s string, n int, err error) {
 	if len(rec.buf)+keep > rec.maxBody {
 		// Stop capturing for good: the response will not be stored, and
 		// the buffer must not grow past the cap.
-		rec.over, rec.buf = true, nil
+		rec.over = true
 		return
+	}
+	if need := len(rec.buf) + keep; need > cap(rec.buf) {
+		// Grow by doubling, from 512 bytes, but never past the cap.
+		buf := make([]byte, len(rec.buf), min(max(2*cap(rec.buf), need, 512), rec.maxBody))
+		copy(buf, rec.buf)
+		rec.buf = buf
 	}
 	if p != nil {
 		rec.buf = append(rec.buf, p[:keep]...)

@@ -522,14 +522,12 @@ func TestRecorderHijack(t *testing.T) {
 		assert.True(t, o.hijacked)
 		assert.Equal(t, false, o.vals["wroteAfterHijack"])
 		assert.False(t, o.wroteHeader)
-		assert.Equal(t, 1, o.beforeCalls)
 		assert.Empty(t, o.body)
 	})
 	t.Run("HTTP/2", func(t *testing.T) {
 		h := recServe(t, recOptions{h2: true, maxBody: 1 << 10}, func(c *recCall) {
 			_, _, err := c.rec.Hijack()
 			c.errs = append(c.errs, err)
-			c.vals["beforeAfterHijack"] = len(c.events)
 			c.rec.WriteHeader(http.StatusCreated)
 			_, _ = c.rec.Write([]byte("not hijacked"))
 		})
@@ -538,13 +536,11 @@ func TestRecorderHijack(t *testing.T) {
 
 		require.Len(t, o.errs, 1)
 		assert.ErrorIs(t, o.errs[0], http.ErrNotSupported)
-		assert.Equal(t, 0, o.vals["beforeAfterHijack"])
 		assert.False(t, o.hijacked)
 		assert.Equal(t, http.StatusCreated, resp.StatusCode)
 		assert.Equal(t, "not hijacked", string(body))
 		assert.Equal(t, http.StatusCreated, o.status)
 		assert.Equal(t, "not hijacked", string(o.body))
-		assert.Equal(t, 1, o.beforeCalls)
 	})
 }
 

@@ -202,6 +202,7 @@ func TestSecurityKeyNeverInClear(t *testing.T) {
 			started <- struct{}{}
 			<-release
 		}
+		_, _ = io.ReadAll(r.Body)
 		w.WriteHeader(http.StatusCreated)
 		_, _ = io.WriteString(w, `{"ok":true}`)
 	})))
