@@ -230,14 +230,8 @@ func TestChaos(t *testing.T) {
 			w.WriteHeader(http.StatusCreated)
 			_, _ = io.WriteString(w, body)
 		})
-		// Half the instances batch their claims, so that batches meet the
-		// same kills and stalls as claims sent alone.
-		opts := []idempotency.RedisOption{idempotency.WithKeyPrefix("chaos:")}
-		if i%2 == 1 {
-			opts = append(opts, idempotency.WithClaimBatching(1))
-		}
 		mw := idempotency.New(idempotency.Config{
-			Store:        idempotency.NewRedisStore(client, opts...),
+			Store:        idempotency.NewRedisStore(client, idempotency.WithKeyPrefix("chaos:")),
 			LockTTL:      chaosLockTTL,
 			StoreTimeout: chaosStoreTO,
 			Observer: func(ev idempotency.Event) {

@@ -162,27 +162,6 @@ func (s *exampleCountingStore) Complete(ctx context.Context, key, token string, 
 // memory store. A first execution costs one Claim and one Complete; a
 // replay, one Claim. A store for another backend implements the six
 // methods and runs the storetest conformance suite.
-func ExampleWithClaimBatching() {
-	mr, err := miniredis.Run()
-	if err != nil {
-		log.Fatal(err)
-	}
-	defer mr.Close()
-
-	rdb := redis.NewClient(&redis.Options{Addr: mr.Addr(), ContextTimeoutEnabled: true})
-	defer rdb.Close()
-	// One lane: a claim made while another is out waits for it, then
-	// goes out with the others that waited, as one pipeline.
-	store := idempotency.NewRedisStore(rdb, idempotency.WithClaimBatching(1))
-
-	app := idempotency.New(idempotency.Config{Store: store})(exampleOrders())
-	examplePost(app, "5b0e7a51-3c1d-4f0e-9a52-1f6c0f4f7f10", "")
-	examplePost(app, "5b0e7a51-3c1d-4f0e-9a52-1f6c0f4f7f10", "")
-	// Output:
-	// 201 {"id":1} replayed=false
-	// 201 {"id":1} replayed=true
-}
-
 func ExampleStore() {
 	mem := idempotency.NewMemoryStore()
 	defer mem.Close()

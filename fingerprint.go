@@ -149,7 +149,10 @@ func (b *bodyRecorder) seal() []byte {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.sealed = true
-	return fpSeal(b.h, min(b.n, b.limit), b.reachedEnd && b.n <= b.limit)
+	// A body of known length is whole once that many bytes came, even when
+	// that is none and the handler never called Read.
+	reachedEnd := b.reachedEnd || b.length >= 0 && b.n >= b.length
+	return fpSeal(b.h, min(b.n, b.limit), reachedEnd && b.n <= b.limit)
 }
 
 // errBadRead reports a body reader that returned an impossible count.

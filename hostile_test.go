@@ -187,7 +187,7 @@ func TestHostileUniqueKeyFlood(t *testing.T) {
 	t.Run("records expire", func(t *testing.T) {
 		runs.Store(0)
 		clock := &hostileClock{now: time.Now()}
-		store := idempotency.NewMemoryStore(idempotency.WithClock(clock.Now))
+		store := idempotency.NewMemoryStore(idempotency.WithTestClock(clock.Now))
 		h := idempotency.New(idempotency.Config{Store: store, TTL: time.Hour})(http.HandlerFunc(handler))
 
 		before := hostileHeap()

@@ -448,7 +448,9 @@ func (s *moreRecordingStore) Claim(ctx context.Context, key, token string, lease
 }
 
 func (s *moreRecordingStore) Complete(ctx context.Context, key, token string, rec *idempotency.Record, ttl time.Duration) error {
-	s.completed.Store(rec)
+	c := *rec // the memory store keeps the header in a form of its own
+	c.Response.Header = rec.Response.Header.Clone()
+	s.completed.Store(&c)
 	return s.MemoryStore.Complete(ctx, key, token, rec, ttl)
 }
 

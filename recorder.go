@@ -195,8 +195,14 @@ func (rec *recorder) capture(size int, p []byte, s string, n int, err error) {
 		return
 	}
 	if need := len(rec.buf) + keep; need > cap(rec.buf) {
-		// Grow by doubling, from 512 bytes, but never past the cap.
-		buf := make([]byte, len(rec.buf), min(max(2*cap(rec.buf), need, 512), rec.maxBody))
+		// The first write gets what it needs, or the declared length:
+		// most responses are written at once, and a stored body should
+		// not carry spare room. Later ones double it, never past the cap.
+		size := max(2*cap(rec.buf), need)
+		if rec.buf == nil {
+			size = max(need, int(min(rec.declLen, int64(rec.maxBody))))
+		}
+		buf := make([]byte, len(rec.buf), min(size, rec.maxBody))
 		copy(buf, rec.buf)
 		rec.buf = buf
 	}

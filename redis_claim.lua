@@ -9,5 +9,5 @@ if v then
     return record_reply(v, state)
   end
 end
-redis.call('SET', KEYS[1], string.char(1, 1, #ARGV[1]) .. ARGV[1], 'PX', ARGV[2])
+redis.call('SET', KEYS[1], string.char(RECORD_VERSION, 1, #ARGV[1]) .. ARGV[1], 'PX', ARGV[2])
 return 1

@@ -624,7 +624,8 @@ func TestRedisIntegrationBriefOutageDuringCompletion(t *testing.T) {
 	assert.Equal(t, http.StatusCreated, r.status, r.body)
 	assert.False(t, r.replayed())
 	assert.Positive(t, in.events.completionErrors(), "completion attempts failed during the pause")
-	assert.Equal(t, 2, in.events.count(idempotency.OutcomeExecuted), "and a retry stored the response")
+	require.Eventually(t, func() bool { return in.events.count(idempotency.OutcomeExecuted) == 2 }, 5*time.Second, time.Millisecond,
+		"and a retry in the background stored the response")
 
 	again := redisIntPostUntilServed(t, hc, in.url, key)
 	assert.Equal(t, http.StatusCreated, again.status)

@@ -5,6 +5,7 @@ import (
 	_ "embed"
 	"errors"
 	"fmt"
+	"math"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -46,10 +47,11 @@ const redisDefaultKeyPrefix = "idempotency:"
 //
 // Each record is one Redis key, the key prefix followed by the key the
 // middleware passes, and each operation is one round trip: a Lua script
-// that touches only that key, or a plain command ([WithClaimBatching] lets
-// concurrent claims share round trips). Lease and TTL expiry are
-// kept by Redis in milliseconds, so the clocks of the processes sharing it
-// do not matter.
+// that touches only that key, or a plain DEL. Lease and TTL expiry are kept
+// by Redis in milliseconds, so the clocks of the processes sharing it do not
+// matter. A value the store cannot read (a record of a later version, say,
+// during a rolling upgrade) is an error wrapping [ErrCorruptRecord], never
+// an absent key.
 //
 // A RedisStore is safe for concurrent use by multiple goroutines and
 // processes. Every call is bounded by its context only when the client
@@ -59,15 +61,13 @@ const redisDefaultKeyPrefix = "idempotency:"
 type RedisStore struct {
 	client redisClient
 	prefix string
-	claims redisClaims
 }
 
 // redisClient is the part of a [redis.UniversalClient] that RedisStore
-// uses: scripts, DEL, and pipelines for batched claims.
+// uses: scripts and DEL.
 type redisClient interface {
 	redis.Scripter
 	Del(ctx context.Context, keys ...string) *redis.IntCmd
-	Pipeline() redis.Pipeliner
 }
 
 var _ Store = (*RedisStore)(nil)
@@ -77,7 +77,6 @@ type RedisOption func(*redisOptions)
 
 type redisOptions struct {
 	prefix string
-	lanes  int
 }
 
 // WithKeyPrefix sets the prefix of the Redis keys that hold records; the
@@ -99,40 +98,22 @@ func NewRedisStore(client redis.UniversalClient, opts ...RedisOption) *RedisStor
 	for _, opt := range opts {
 		opt(&o)
 	}
-	return &RedisStore{client: client, prefix: o.prefix, claims: redisClaims{lanes: o.lanes}}
+	return &RedisStore{client: client, prefix: o.prefix}
 }
 
 // Claim implements [Store.Claim] with one script run.
 func (s *RedisStore) Claim(ctx context.Context, key, token string, lease time.Duration) (*Record, error) {
-	rec, enc, err := s.claimEncoded(ctx, key, token, lease)
-	if enc != "" {
-		return decodeRecord(enc)
-	}
-	return rec, err
-}
-
-// claimEncoded implements encodedStore: Claim, returning a completed record
-// as its encoding, unchecked (the caller reads it with viewRecord).
-func (s *RedisStore) claimEncoded(ctx context.Context, key, token string, lease time.Duration) (*Record, string, error) {
 	if err := redisCheckToken(token); err != nil {
-		return nil, "", err
+		return nil, err
 	}
-	v, err := s.claims.run(ctx, s.client, s.prefix+key, token, redisMillis(lease))
+	v, err := redisClaimScript.Run(ctx, s.client, []string{s.prefix + key}, token, redisMillis(lease)).Result()
 	if err != nil {
-		return nil, "", fmt.Errorf("idempotency: redis claim: %w", err)
+		return nil, fmt.Errorf("idempotency: redis claim: %w", err)
 	}
 	if _, claimed := v.(int64); claimed {
-		return nil, "", nil
+		return nil, nil
 	}
-	enc, ok := v.(string)
-	if !ok {
-		return nil, "", fmt.Errorf("idempotency: redis store: unexpected script reply of type %T", v)
-	}
-	if len(enc) >= recordHeaderLen && State(enc[1]) == StateCompleted {
-		return nil, enc, nil
-	}
-	rec, err := decodeRecord(enc)
-	return rec, "", err
+	return redisDecodeReply(v)
 }
 
 // Extend implements [Store.Extend] with one script run.
@@ -144,25 +125,16 @@ func (s *RedisStore) Extend(ctx context.Context, key, token string, lease time.D
 	return redisOwnerResult(n)
 }
 
-// Complete implements [Store.Complete] with one script run.
+// Complete implements [Store.Complete] with one script run. It panics if
+// rec is nil.
 func (s *RedisStore) Complete(ctx context.Context, key, token string, rec *Record, ttl time.Duration) error {
+	if rec == nil {
+		panic("idempotency: Complete needs a non-nil record")
+	}
 	if err := redisCheckToken(token); err != nil {
 		return err
 	}
-	return s.complete(ctx, key, token, encodeRecord(token, rec), ttl)
-}
-
-// completeEncoded implements encodedStore: Complete for a record the
-// middleware encoded.
-func (s *RedisStore) completeEncoded(ctx context.Context, key, token string, enc []byte, ttl time.Duration) error {
-	if err := redisCheckToken(token); err != nil {
-		return err
-	}
-	return s.complete(ctx, key, token, enc, ttl)
-}
-
-// complete runs the complete script with value, a string or a byte slice.
-func (s *RedisStore) complete(ctx context.Context, key, token string, value any, ttl time.Duration) error {
+	value := encodeRecord(token, rec)
 	n, err := redisCompleteScript.Run(ctx, s.client, []string{s.prefix + key}, token, value, redisMillis(ttl)).Int64()
 	if err != nil {
 		return fmt.Errorf("idempotency: redis complete: %w", err)
@@ -225,11 +197,25 @@ func redisOwnerResult(n int64) error {
 	return fmt.Errorf("%w: not a record of a known version", ErrCorruptRecord)
 }
 
-// redisDecodeReply decodes a record the claim and get scripts returned.
+// redisDecodeReply decodes what the claim and get scripts return for a
+// key that holds a value: the value, and the lease left in milliseconds
+// (negative for a completed record).
 func redisDecodeReply(v any) (*Record, error) {
-	s, ok := v.(string)
-	if !ok {
+	reply, ok := v.([]any)
+	if !ok || len(reply) != 2 {
 		return nil, fmt.Errorf("idempotency: redis store: unexpected script reply of type %T", v)
 	}
-	return decodeRecord(s)
+	value, ok := reply[0].(string)
+	lease, ok2 := reply[1].(int64)
+	if !ok || !ok2 {
+		return nil, fmt.Errorf("idempotency: redis store: unexpected script reply of types %T, %T", reply[0], reply[1])
+	}
+	rec, err := decodeRecord(value)
+	if err != nil {
+		return nil, err
+	}
+	if rec.State == StateInFlight && lease > 0 {
+		rec.LeaseRemaining = time.Duration(min(lease, math.MaxInt64/int64(time.Millisecond))) * time.Millisecond
+	}
+	return rec, nil
 }

@@ -37,20 +37,15 @@ func redisMiniStore(t *testing.T, opts ...idempotency.RedisOption) (*idempotency
 	return idempotency.NewRedisStore(client, opts...), m, client
 }
 
+// TestRedisStoreConformance runs the store conformance suite on Redis
+// stores on miniredis.
 func TestRedisStoreConformance(t *testing.T) {
-	t.Run("claims alone", func(t *testing.T) { redisConformance(t) })
-	t.Run("claims batched", func(t *testing.T) { redisConformance(t, idempotency.WithClaimBatching(1)) })
-}
-
-// redisConformance runs the store conformance suite on Redis stores made
-// with opts.
-func redisConformance(t *testing.T, opts ...idempotency.RedisOption) {
 	// Each store gets its own miniredis, so that advancing one store's
 	// clock never touches another subtest's records.
 	var servers sync.Map // *testing.T -> *miniredis.Miniredis
 	storetest.Run(t,
 		func(t *testing.T) idempotency.Store {
-			store, m, _ := redisMiniStore(t, opts...)
+			store, m, _ := redisMiniStore(t)
 			servers.Store(t, m)
 			t.Cleanup(func() { servers.Delete(t) })
 			return store
@@ -263,7 +258,7 @@ func TestRedisStoreRecordRoundTrip(t *testing.T) {
 			raw, err := m.Get("idempotency:" + key)
 			require.NoError(t, err)
 			assert.True(t, strings.HasSuffix(raw, string(rec.Response.Body)), "the body is stored raw")
-			assert.Equal(t, "\x01\x02\x0bowner-token", raw[:14], "version, state and token lead the value")
+			assert.Equal(t, "\x02\x02\x0bowner-token", raw[:14], "version 2, state and token lead the value")
 		})
 	}
 }
@@ -272,10 +267,13 @@ func TestRedisStoreCorruptRecord(t *testing.T) {
 	tests := map[string]string{
 		"json":            `{"state":2,"token":"t"}`,
 		"empty":           "",
-		"unknown version": "\x02\x01\x01t",
-		"unknown state":   "\x01\x05\x01t",
-		"truncated token": "\x01\x01\x09t",
-		"truncated body":  "\x01\x02\x01t\xc8\x01\x00\x00\x00\x00\x05abc",
+		"unknown version": "\x03\x01\x01t",
+		"version zero":    "\x00\x01\x01t",
+		"unknown state":   "\x02\x05\x01t",
+		"truncated token": "\x02\x01\x09t",
+		"in flight, more": "\x02\x01\x01tt",
+		"truncated body":  "\x02\x02\x01t\xc8\x01\x00\x00\x00\x00\x05abc",
+		"version 1 body":  "\x01\x02\x01t\xc8\x01\x00\x00\x00\x00\x05abc",
 	}
 	for name, value := range tests {
 		t.Run(name, func(t *testing.T) {
@@ -322,6 +320,134 @@ func TestRedisStoreCorruptHeaderOwnerChecks(t *testing.T) {
 	raw, err := m.Get("idempotency:" + key)
 	require.NoError(t, err)
 	assert.Equal(t, value, raw, "nothing was written")
+}
+
+// redisVersion1Completed is a completed record as a release that wrote
+// version 1 stored it, spelled out byte by byte: token "old", status 201,
+// one header field (Location: /o/1), fingerprint "fp1" and body "ok".
+const redisVersion1Completed = "\x01\x02\x03old" + "\xc9\x01" + "\x00" + "\x01\x01" +
+	"\x08Location\x01\x04/o/1" + "\x03fp1" + "\x02ok"
+
+func TestRedisStoreWritesVersion2(t *testing.T) {
+	store, m, _ := redisMiniStore(t)
+	ctx := t.Context()
+	key := redisTestKey(20)
+
+	rec, err := store.Claim(ctx, key, "tok", time.Minute)
+	require.NoError(t, err)
+	require.Nil(t, rec)
+	raw, err := m.Get("idempotency:" + key)
+	require.NoError(t, err)
+	assert.Equal(t, "\x02\x01\x03tok", raw, "an in-flight record is the version 2 header alone")
+
+	done := &idempotency.Record{State: idempotency.StateCompleted, Token: "tok",
+		Fingerprint: []byte("fp2"), Response: idempotency.Response{StatusCode: http.StatusOK, Body: []byte("ok")}}
+	require.NoError(t, store.Complete(ctx, key, "tok", done, time.Hour))
+	raw, err = m.Get("idempotency:" + key)
+	require.NoError(t, err)
+	assert.Equal(t, "\x02\x02\x03tok", raw[:6])
+	got, err := store.Get(ctx, key)
+	require.NoError(t, err)
+	assert.Equal(t, done, got)
+}
+
+func TestRedisStoreReadsVersion1Completed(t *testing.T) {
+	store, m, _ := redisMiniStore(t)
+	ctx := t.Context()
+	key := redisTestKey(21)
+	require.NoError(t, m.Set("idempotency:"+key, redisVersion1Completed))
+	m.SetTTL("idempotency:"+key, time.Hour)
+
+	want := &idempotency.Record{
+		State:       idempotency.StateCompleted,
+		Token:       "old",
+		Fingerprint: []byte("fp1"),
+		Response: idempotency.Response{
+			StatusCode: http.StatusCreated,
+			Header:     http.Header{"Location": {"/o/1"}},
+			Body:       []byte("ok"),
+		},
+	}
+	rec, err := store.Claim(ctx, key, "new", time.Minute)
+	require.NoError(t, err)
+	assert.Equal(t, want, rec, "replayed with the fingerprint as it was written")
+	got, err := store.Get(ctx, key)
+	require.NoError(t, err)
+	assert.Equal(t, want, got)
+
+	require.NoError(t, store.Complete(ctx, key, "old", want, time.Minute), "a re-sent complete is harmless")
+	for name, err := range map[string]error{
+		"extend":         store.Extend(ctx, key, "old", time.Minute),
+		"release":        store.Release(ctx, key, "old"),
+		"complete other": store.Complete(ctx, key, "new", want, time.Minute),
+	} {
+		assert.ErrorIs(t, err, idempotency.ErrNotOwner, name)
+	}
+	raw, err := m.Get("idempotency:" + key)
+	require.NoError(t, err)
+	assert.Equal(t, redisVersion1Completed, raw, "left as it was")
+	assert.Equal(t, time.Hour, m.TTL("idempotency:"+key))
+}
+
+func TestRedisStoreReadsVersion1InFlight(t *testing.T) {
+	const v1 = "\x01\x01\x03old"
+	done := &idempotency.Record{State: idempotency.StateCompleted, Token: "old",
+		Response: idempotency.Response{StatusCode: http.StatusCreated, Body: []byte("created")}}
+	tests := []struct {
+		name string
+		// run acts as the owner of the version 1 claim would, after an
+		// upgrade, and returns the value it expects under the key ("" for
+		// none).
+		run func(t *testing.T, store *idempotency.RedisStore, key string) string
+	}{
+		{"conflict", func(t *testing.T, store *idempotency.RedisStore, key string) string {
+			rec, err := store.Claim(t.Context(), key, "new", time.Minute)
+			require.NoError(t, err)
+			assert.Equal(t, &idempotency.Record{State: idempotency.StateInFlight, Token: "old", LeaseRemaining: 30 * time.Second}, rec)
+			return v1
+		}},
+		{"claim re-sent", func(t *testing.T, store *idempotency.RedisStore, key string) string {
+			rec, err := store.Claim(t.Context(), key, "old", time.Minute)
+			require.NoError(t, err)
+			assert.Nil(t, rec, "the owner's token still holds the key")
+			return "\x02\x01\x03old"
+		}},
+		{"extend", func(t *testing.T, store *idempotency.RedisStore, key string) string {
+			require.NoError(t, store.Extend(t.Context(), key, "old", time.Minute))
+			assert.ErrorIs(t, store.Extend(t.Context(), key, "new", time.Minute), idempotency.ErrNotOwner)
+			return v1
+		}},
+		{"complete", func(t *testing.T, store *idempotency.RedisStore, key string) string {
+			assert.ErrorIs(t, store.Complete(t.Context(), key, "new", done, time.Hour), idempotency.ErrNotOwner)
+			require.NoError(t, store.Complete(t.Context(), key, "old", done, time.Hour))
+			got, err := store.Get(t.Context(), key)
+			require.NoError(t, err)
+			assert.Equal(t, done, got)
+			return "\x02\x02\x03old\xc9\x01\x00\x00\x00\x00\x07created"
+		}},
+		{"release", func(t *testing.T, store *idempotency.RedisStore, key string) string {
+			assert.ErrorIs(t, store.Release(t.Context(), key, "new"), idempotency.ErrNotOwner)
+			require.NoError(t, store.Release(t.Context(), key, "old"))
+			return ""
+		}},
+	}
+	for i, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			store, m, _ := redisMiniStore(t)
+			key := redisTestKey(30 + i)
+			require.NoError(t, m.Set("idempotency:"+key, v1))
+			m.SetTTL("idempotency:"+key, 30*time.Second)
+
+			want := tt.run(t, store, key)
+			if want == "" {
+				assert.False(t, m.Exists("idempotency:"+key))
+				return
+			}
+			raw, err := m.Get("idempotency:" + key)
+			require.NoError(t, err)
+			assert.Equal(t, want, raw)
+		})
+	}
 }
 
 func TestRedisStoreTokenTooLong(t *testing.T) {

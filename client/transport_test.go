@@ -313,7 +313,7 @@ func TestTransportRetriesMiddlewareConflict(t *testing.T) {
 	assert.Equal(t, "true", resp.Header.Get(idempotency.ReplayedHeader))
 	assert.Equal(t, 2, counter.attempts())
 	assert.Equal(t, int32(1), app.executions.Load())
-	assert.Equal(t, []time.Duration{idempotency.DefaultRetryAfter}, sleeper.recorded(),
+	assert.Equal(t, []time.Duration{time.Second}, sleeper.recorded(),
 		"the wait is the middleware's Retry-After, which exceeds the first backoff")
 }
 

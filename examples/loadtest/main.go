@@ -1,13 +1,12 @@
 // Command loadtest measures what the idempotency middleware costs a real
 // HTTP service over loopback. It serves a small orders API bare (no
 // middleware) and behind the middleware on the memory store and, when
-// -redis is given, on a Redis store, as it is by default and with claim
-// batching (idempotency.WithClaimBatching on -redis-lanes lanes); drives
-// each with a fixed number of concurrent clients for a fixed time; and
-// prints requests per second, p50 and p99 latency, and the ratio to bare.
+// -redis is given, on a Redis store; drives each with a fixed number of
+// concurrent clients for a fixed time; and prints requests per second, p50
+// and p99 latency, and the ratio to bare.
 //
 //	go run ./examples/loadtest                          # bare and memory, ~30 s
-//	go run ./examples/loadtest -redis 127.0.0.1:6379    # and Redis, with and without batching
+//	go run ./examples/loadtest -redis 127.0.0.1:6379    # and Redis
 //	go run ./examples/loadtest -c 64 -d 10s             # more load, longer
 //
 // Two workloads run on each server. "mix" sends, per client, first
@@ -61,7 +60,6 @@ type config struct {
 	rounds      int
 	warmup      time.Duration
 	redisAddr   string
-	redisLanes  int
 	cpuProfile  string
 }
 
@@ -72,11 +70,10 @@ func run() error {
 	flag.IntVar(&cfg.rounds, "rounds", 3, "rounds; the servers take turns in each, so that a change in the machine's load affects them alike")
 	flag.DurationVar(&cfg.warmup, "warmup", 200*time.Millisecond, "unmeasured load before each measurement")
 	flag.StringVar(&cfg.redisAddr, "redis", "", "Redis address (host:port) to also test the Redis store; empty: skip it")
-	flag.IntVar(&cfg.redisLanes, "redis-lanes", 1, "with -redis, also test a Redis store that batches claims (idempotency.WithClaimBatching) on this many lanes; 0: skip it")
 	flag.StringVar(&cfg.cpuProfile, "cpuprofile", "", "write a CPU profile of the whole run (servers and load generator) to this file")
 	flag.Parse()
-	if cfg.concurrency < 1 || cfg.duration <= 0 || cfg.rounds < 1 || cfg.warmup < 0 || cfg.redisLanes < 0 {
-		return errors.New("-c and -rounds must be at least 1, -d positive, -warmup and -redis-lanes not negative")
+	if cfg.concurrency < 1 || cfg.duration <= 0 || cfg.rounds < 1 || cfg.warmup < 0 {
+		return errors.New("-c and -rounds must be at least 1, -d positive, -warmup not negative")
 	}
 
 	if cfg.cpuProfile != "" {
@@ -110,11 +107,6 @@ func run() error {
 		defer deleteKeys(client, prefix)
 		store := idempotency.NewRedisStore(client, idempotency.WithKeyPrefix(prefix))
 		servers = append(servers, newServer("redis", store))
-		if cfg.redisLanes > 0 {
-			batched := idempotency.NewRedisStore(client, idempotency.WithKeyPrefix(prefix+"batched:"),
-				idempotency.WithClaimBatching(cfg.redisLanes))
-			servers = append(servers, newServer(fmt.Sprintf("redis-batch%d", cfg.redisLanes), batched))
-		}
 	}
 	for _, s := range servers {
 		if err := s.start(); err != nil {
