@@ -43,17 +43,44 @@ const (
 	fpReachedEnd = 1
 )
 
-// fpBegin returns a hash that has taken the request's method, path, query
-// and Content-Type; the body comes next.
-func fpBegin(r *http.Request) hash.Hash {
-	h := sha256.New()
-	var b []byte
-	var scratch [256]byte
-	b = appendField(scratch[:0], r.Method)
-	path := ""
+// fpSmall is how many bytes of a fingerprint's message (fields and body)
+// are gathered and hashed at once; a longer message is hashed as it
+// streams. Most requests fit, and then hashing allocates nothing.
+const fpSmall = 1024
+
+// fpHash is SHA-256 over a fingerprint's message. It gathers the message in
+// buf while it fits and starts a streaming hash only when it outgrows it.
+type fpHash struct {
+	buf []byte
+	h   hash.Hash // nil while the message fits in buf
+}
+
+func (x *fpHash) Write(p []byte) {
+	if x.h == nil && len(p) <= cap(x.buf)-len(x.buf) {
+		x.buf = append(x.buf, p...)
+		return
+	}
+	if x.h == nil {
+		x.h = sha256.New()
+		x.h.Write(x.buf)
+	}
+	x.h.Write(p)
+}
+
+func (x *fpHash) sum() [sha256.Size]byte {
+	if x.h == nil {
+		return sha256.Sum256(x.buf)
+	}
+	return [sha256.Size]byte(x.h.Sum(nil))
+}
+
+// appendFields appends to b the request's method, path, query and
+// Content-Type values, each framed by its length: the message of the
+// fingerprint before the body.
+func appendFields(b []byte, r *http.Request) []byte {
+	b = appendField(b, r.Method)
 	if r.URL != nil {
-		path = normalPath(r.URL.EscapedPath())
-		b = appendField(b, path)
+		b = appendField(b, normalPath(r.URL.EscapedPath()))
 		b = appendField(b, r.URL.RawQuery)
 	} else {
 		b = appendField(b, "")
@@ -64,8 +91,7 @@ func fpBegin(r *http.Request) hash.Hash {
 	for _, v := range ct {
 		b = appendField(b, normalMediaType(v))
 	}
-	h.Write(b)
-	return h
+	return b
 }
 
 func appendField(b []byte, s string) []byte {
@@ -73,12 +99,13 @@ func appendField(b []byte, s string) []byte {
 	return append(b, s...)
 }
 
-// fpSeal returns the fingerprint of a request whose first n body bytes h
-// has taken; reachedEnd says whether the body ended after them.
-func fpSeal(h hash.Hash, n int64, reachedEnd bool) []byte {
-	fp := make([]byte, 1, fpLen)
-	fp[0] = fpVersion
-	fp = h.Sum(fp)
+// fpSeal returns the fingerprint of a request whose message, up to its
+// first n body bytes, hashes to sum; reachedEnd says whether the body ended
+// after them.
+func fpSeal(sum [sha256.Size]byte, n int64, reachedEnd bool) []byte {
+	fp := make([]byte, 0, fpLen)
+	fp = append(fp, fpVersion)
+	fp = append(fp, sum[:]...)
 	fp = binary.BigEndian.AppendUint64(fp, uint64(n))
 	var flags byte
 	if reachedEnd {
@@ -90,7 +117,9 @@ func fpSeal(h hash.Hash, n int64, reachedEnd bool) []byte {
 // emptyBodyFingerprint returns the fingerprint of a request with no body
 // (nil or http.NoBody): nothing read, and the body ended there.
 func emptyBodyFingerprint(r *http.Request) []byte {
-	return fpSeal(fpBegin(r), 0, true)
+	var small [fpSmall]byte
+	x := fpHash{buf: appendFields(small[:0], r)}
+	return fpSeal(x.sum(), 0, true)
 }
 
 // bodyRecorder replaces a request's body for the handler of a first
@@ -107,7 +136,7 @@ type bodyRecorder struct {
 	limit  int64
 
 	mu         sync.Mutex // guards the fields below
-	h          hash.Hash
+	hash       fpHash
 	n          int64 // bytes read so far
 	reachedEnd bool
 	failed     bool // a read failed other than with io.EOF
@@ -126,7 +155,7 @@ func (b *bodyRecorder) Read(p []byte) (int, error) {
 		return n, err
 	}
 	if hashed := min(int64(n), b.limit-b.n); hashed > 0 {
-		b.h.Write(p[:hashed])
+		b.hash.Write(p[:hashed])
 	}
 	b.n += int64(n)
 	switch {
@@ -152,7 +181,7 @@ func (b *bodyRecorder) seal() []byte {
 	// A body of known length is whole once that many bytes came, even when
 	// that is none and the handler never called Read.
 	reachedEnd := b.reachedEnd || b.length >= 0 && b.n >= b.length
-	return fpSeal(b.h, min(b.n, b.limit), reachedEnd && b.n <= b.limit)
+	return fpSeal(b.hash.sum(), min(b.n, b.limit), reachedEnd && b.n <= b.limit)
 }
 
 // errBadRead reports a body reader that returned an impossible count.
@@ -170,17 +199,26 @@ func matchFingerprint(w http.ResponseWriter, r *http.Request, want []byte, limit
 	}
 	n := int64(binary.BigEndian.Uint64(want[1+sha256.Size:]))
 	reachedEnd := want[fpLen-1]&fpReachedEnd != 0
-	h := fpBegin(r)
 	body := r.Body
 	if body == nil {
 		body = http.NoBody
 	}
-	if n > 0 {
-		if got, err := io.CopyN(h, body, n); got != n || err != nil {
+	x := fpHash{buf: appendFields(make([]byte, 0, 256+min(n, fpSmall)), r)}
+	if room := int64(cap(x.buf) - len(x.buf)); n <= room {
+		// Read the body part straight into the message.
+		got, err := io.ReadFull(body, x.buf[len(x.buf):len(x.buf)+int(n)])
+		if int64(got) != n || err != nil {
+			return false
+		}
+		x.buf = x.buf[:len(x.buf)+got]
+	} else {
+		x.h = sha256.New()
+		x.h.Write(x.buf)
+		if got, err := io.CopyN(x.h, body, n); got != n || err != nil {
 			return false
 		}
 	}
-	if !bytes.Equal(h.Sum(nil), want[1:1+sha256.Size]) {
+	if sum := x.sum(); !bytes.Equal(sum[:], want[1:1+sha256.Size]) {
 		return false
 	}
 	if !reachedEnd {

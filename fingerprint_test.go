@@ -293,7 +293,7 @@ func fptRecord(t testing.TB, r *http.Request, p fptRead, limit int64) []byte {
 	if r.Body == nil || r.Body == http.NoBody {
 		return emptyBodyFingerprint(r)
 	}
-	b := &bodyRecorder{body: r.Body, length: r.ContentLength, limit: limit, h: fpBegin(r)}
+	b := fptRecorder(r, r.Body, r.ContentLength, limit)
 	p.consume(t, b)
 	return b.seal()
 }
@@ -454,7 +454,7 @@ func TestBodyRecorderFailedRead(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			r := httptest.NewRequest(http.MethodPost, "/upload", nil)
-			b := &bodyRecorder{body: &fptScriptedBody{steps: tc.steps}, length: tc.length, limit: 1 << 20, h: fpBegin(r)}
+			b := fptRecorder(r, &fptScriptedBody{steps: tc.steps}, tc.length, 1<<20)
 			buf := make([]byte, 64)
 			for range tc.reads {
 				_, _ = b.Read(buf)
@@ -488,7 +488,7 @@ func TestBodyRecorderSealDoesNotWaitForARead(t *testing.T) {
 	pr, pw := io.Pipe()
 	body := &fptGateBody{Reader: io.MultiReader(strings.NewReader("hello"), pr), entered: make(chan struct{}, 2)}
 	r := httptest.NewRequest(http.MethodPost, "/upload", nil)
-	b := &bodyRecorder{body: body, length: -1, limit: 1 << 20, h: fpBegin(r)}
+	b := fptRecorder(r, body, -1, 1<<20)
 
 	buf := make([]byte, 16)
 	n, err := b.Read(buf)
@@ -541,9 +541,16 @@ func TestBodyRecorderSealDoesNotWaitForARead(t *testing.T) {
 // fptWantSeal is the fingerprint of r when the handler read body, built
 // from the format's parts.
 func fptWantSeal(r *http.Request, body string, reachedEnd bool) []byte {
-	h := fpBegin(r)
-	h.Write([]byte(body))
-	return fpSeal(h, int64(len(body)), reachedEnd)
+	msg := append(appendFields(nil, r), body...)
+	return fpSeal(sha256.Sum256(msg), int64(len(body)), reachedEnd)
+}
+
+// fptRecorder returns a bodyRecorder for r's fields over body, set up as
+// the middleware sets one up.
+func fptRecorder(r *http.Request, body io.ReadCloser, length, limit int64) *bodyRecorder {
+	b := &bodyRecorder{body: body, length: length, limit: limit}
+	b.hash.buf = appendFields(make([]byte, 0, fpSmall), r)
+	return b
 }
 
 // fptSizedBody is a body of size bytes, all 'x', made as it is read; it
@@ -689,7 +696,7 @@ func FuzzBodyFingerprint(f *testing.F) {
 			return r
 		}
 		orig := newRequest(body, knownLength)
-		rec := &bodyRecorder{body: orig.Body, length: orig.ContentLength, limit: int64(limit), h: fpBegin(orig)}
+		rec := fptRecorder(orig, orig.Body, orig.ContentLength, int64(limit))
 		p := fptRead{chunk: int(chunk), upTo: int(stop)}
 		if toEnd {
 			p.upTo = -1

@@ -38,7 +38,8 @@ func (h *handler) run(w http.ResponseWriter, r *http.Request, skey, key, token s
 	case s.fingerprint != nil:
 		f.fingerprint = s.fingerprint(r2)
 	case r2.Body != nil && r2.Body != http.NoBody:
-		f.body = bodyRecorder{body: r2.Body, length: r2.ContentLength, limit: s.fpLimit, h: fpBegin(r2)}
+		f.body = bodyRecorder{body: r2.Body, length: r2.ContentLength, limit: s.fpLimit}
+		f.body.hash.buf = appendFields(f.fpBuf[:0], r2)
 		r2.Body = &f.body
 	}
 	h.next.ServeHTTP(&f.rec, r2)
@@ -64,72 +65,111 @@ type flight struct {
 	cancel      context.CancelCauseFunc // cancels ctx
 	rec         recorder                // the handler's response writer
 	body        bodyRecorder            // the handler's request body, when it has one
+	fpBuf       [fpSmall]byte           // room for body's fingerprint message
 	fingerprint []byte
 
-	mu       sync.Mutex // guards the fields below
-	timer    *time.Timer
-	deadline time.Time // when the claim runs out unless renewed
-	stopped  bool      // the handler returned: renew no more
-	lost     bool      // the claim may be somebody else's
+	lease *lease // renews the claim while the handler runs
+
+	// Once the handler returned: when the claim runs out, and whether it
+	// may be somebody else's already.
+	deadline time.Time
+	lost     bool
 }
+
+// A lease renews a flight's claim every LockTTL/3 while its handler runs.
+// Leases are reused, timer and all, so that a handler that returns before
+// its first renewal costs no timer; a lease is reused only when its timer
+// was stopped before it fired, so that no renewal can run for a flight
+// that is not its own. No handler can reach a lease.
+type lease struct {
+	timer *time.Timer // runs renew
+
+	mu       sync.Mutex // guards the fields below, and serialises renewals
+	f        *flight    // nil while idle
+	deadline time.Time  // when the claim runs out unless renewed
+	stopped  bool       // the handler returned: renew no more
+	lost     bool       // the claim may be somebody else's
+}
+
+var leases = sync.Pool{New: func() any {
+	l := new(lease)
+	l.timer = time.AfterFunc(time.Hour, l.renew)
+	l.timer.Stop()
+	return l
+}}
 
 // startLease arms the renewal of the claim taken at claimedAt.
 func (f *flight) startLease(claimedAt time.Time) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	f.deadline = claimedAt.Add(f.s.lockTTL)
-	f.timer = time.AfterFunc(f.s.lockTTL/3, f.renew)
+	l := leases.Get().(*lease)
+	l.mu.Lock()
+	l.f, l.deadline, l.stopped, l.lost = f, claimedAt.Add(f.s.lockTTL), false, false
+	l.mu.Unlock()
+	f.lease = l
+	l.timer.Reset(f.s.lockTTL / 3)
 }
 
-// stopLease stops renewing the claim and waits for a renewal under way.
+// stopLease stops renewing the claim, waiting for a renewal under way, and
+// keeps what the lease knows of the claim.
 func (f *flight) stopLease() {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	f.stopped = true
-	f.timer.Stop()
+	l := f.lease
+	l.mu.Lock()
+	l.stopped = true
+	idle := l.timer.Stop()
+	f.deadline, f.lost = l.deadline, l.lost
+	l.f = nil
+	l.mu.Unlock()
+	f.lease = nil
+	if idle {
+		leases.Put(l)
+	}
 }
 
-// renew extends the lease every LockTTL/3 while the handler runs. A failed
-// renewal is retried while the lease lasts; once it is lost the handler's
-// context is cancelled with ErrLeaseLost. A renewal waits for the store no
-// longer than the lease has left, less a margin of LockTTL/10, so that the
-// handler is cancelled before another request can take the key over.
-func (f *flight) renew() {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	if f.stopped || f.lost {
+// renew extends the lease while the handler runs. A failed renewal is
+// retried while the lease lasts; once it is lost the handler's context is
+// cancelled with ErrLeaseLost. A renewal waits for the store no longer
+// than the lease has left, less a margin of LockTTL/10, so that the
+// handler is cancelled before another request can take the key over. The
+// observer hears of it after the lease's lock is let go.
+func (l *lease) renew() {
+	var events [2]Event
+	var n int
+	l.mu.Lock()
+	f := l.f
+	if l.stopped || l.lost || f == nil {
+		l.mu.Unlock()
 		return
 	}
 	s := f.s
 	before := time.Now()
 	margin := s.lockTTL / 10
-	wait := max(f.deadline.Sub(before)-margin, margin)
+	wait := max(l.deadline.Sub(before)-margin, margin)
 	ctx, cancel := s.detachedContext(f.r.Context(), min(s.storeTimeout, wait))
 	err := s.store.Extend(ctx, f.skey, f.token, s.lockTTL)
 	cancel()
 	switch {
 	case err == nil:
-		f.deadline = before.Add(s.lockTTL)
-		f.timer.Reset(s.lockTTL / 3)
+		l.deadline = before.Add(s.lockTTL)
+		l.timer.Reset(s.lockTTL / 3)
 	case errors.Is(err, ErrNotOwner):
-		f.loseLease(err)
+		l.lost = true
 	default:
-		s.observe(Event{Outcome: OutcomeStoreError, Request: f.r, StorageKey: f.skey, Err: err})
-		left := time.Until(f.deadline) - margin
-		if left <= 0 {
-			f.loseLease(err)
-			return
+		events[n] = Event{Outcome: OutcomeStoreError, Request: f.r, StorageKey: f.skey, Err: err}
+		n++
+		if left := time.Until(l.deadline) - margin; left > 0 {
+			l.timer.Reset(min(left/2, margin, time.Second))
+		} else {
+			l.lost = true
 		}
-		f.timer.Reset(min(left/2, margin, time.Second))
 	}
-}
-
-// loseLease records that the claim is gone and tells the handler. Called
-// with f.mu held.
-func (f *flight) loseLease(err error) {
-	f.lost = true
-	f.cancel(ErrLeaseLost)
-	f.s.observe(Event{Outcome: OutcomeLeaseLost, Request: f.r, StorageKey: f.skey, Err: err})
+	if l.lost {
+		f.cancel(ErrLeaseLost)
+		events[n] = Event{Outcome: OutcomeLeaseLost, Request: f.r, StorageKey: f.skey, Err: err}
+		n++
+	}
+	l.mu.Unlock()
+	for _, e := range events[:n] {
+		s.observe(e)
+	}
 }
 
 // finish settles the key once the handler has returned: it completes it

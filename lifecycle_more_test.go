@@ -310,33 +310,6 @@ func TestCompletionGivenUpIsReported(t *testing.T) {
 		"a response lost to the store must be reported")
 }
 
-func TestWriterAndBodyUsedAfterReturnAreDead(t *testing.T) {
-	late := make(chan http.ResponseWriter, 1)
-	lateBody := make(chan io.Reader, 1)
-	var n atomic.Int64
-	s := lcStart(t, idempotency.Config{}, func(w http.ResponseWriter, r *http.Request) {
-		if n.Add(1) == 1 {
-			late <- w // a buggy handler keeps its writer and body
-			lateBody <- r.Body
-		}
-		w.WriteHeader(http.StatusCreated)
-		fmt.Fprint(w, "mine")
-	})
-	require.Equal(t, "mine", lcDo(t, s.URL, http.MethodPost, "a", "{}").body)
-	w, body := <-late, <-lateBody
-	_, err := w.Write([]byte("leak"))
-	assert.Error(t, err, "a write after the handler returned must fail")
-	_, err = body.Read(make([]byte, 8))
-	assert.Error(t, err)
-	w.Header().Set("X-Leak", "1")
-	w.WriteHeader(http.StatusTeapot)
-
-	r := lcDo(t, s.URL, http.MethodPost, "b", "{}")
-	assert.Equal(t, http.StatusCreated, r.status)
-	assert.Equal(t, "mine", r.body)
-	assert.Empty(t, r.header.Get("X-Leak"))
-}
-
 // moreFailingBody fails after a few bytes, as a client that dies mid-upload.
 type moreFailingBody struct{ sent bool }
 

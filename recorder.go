@@ -48,12 +48,6 @@ type recorder struct {
 	hijacked bool // Hijack succeeded
 }
 
-// newRecorder returns a recorder wrapping w that captures up to maxBody
-// bytes of body.
-func newRecorder(w http.ResponseWriter, maxBody int) *recorder {
-	return &recorder{w: w, maxBody: maxBody, declLen: -1, flushed: -1}
-}
-
 // status returns the final status: the one written, or 200 when the handler
 // wrote nothing at all, as net/http then sends. It is never 0.
 func (rec *recorder) status() int {

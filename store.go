@@ -164,4 +164,3 @@ type Store interface {
 	Get(ctx context.Context, key string) (*Record, error)
 	Delete(ctx context.Context, key string) error
 }
-
