@@ -54,9 +54,9 @@ type Config struct {
 	// flight wait up to this long (never past its own context) for the
 	// first request to finish, and get its replay instead of a 409. If the
 	// first request's claim is released (a 5xx, a panic), one waiter claims
-	// the key and runs. Stores that implement [Watcher] wake waiters as soon
-	// as the key changes; others are polled with backoff. Default 0: answer
-	// 409 at once.
+	// the key and runs. A [MemoryStore] wakes waiters as soon as the key
+	// changes; other stores are polled with backoff. Default 0: answer 409
+	// at once.
 	WaitForInFlight time.Duration
 
 	// RetryAfter is the Retry-After hint sent with the 409 for a request

@@ -28,7 +28,11 @@
 // When the handler returns, the response is stored (only if this request
 // still owns the key) or, for 5xx, 408 and 429, the claim is released so a
 // retry runs again. Storing happens on a context detached from the request,
-// so a client that disconnects still finds its response on retry.
+// so a client that disconnects still finds its response on retry. The
+// fingerprint covers the method, path, query, Content-Type and the part of
+// the body the handler read: the middleware never reads a body on its own.
+// A request that an outer instance of the middleware already claimed
+// passes through an inner one.
 //
 // # Stores
 //

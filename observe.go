@@ -13,8 +13,10 @@ const (
 	// OutcomeExecuted: the handler ran and its response was stored.
 	OutcomeExecuted Outcome = iota + 1
 	// OutcomeReleased: the handler ran but its response is not kept (a
-	// status ShouldStore refused, a panic): the claim was released so a
-	// retry runs again.
+	// status ShouldStore refused, a panic, a request body that failed
+	// before a non-success answer, a lost lease): the claim was released
+	// so a retry runs again. Event.Detail says which, when it is not the
+	// status.
 	OutcomeReleased
 	// OutcomeReplayed: a stored response was replayed.
 	OutcomeReplayed
@@ -28,17 +30,22 @@ const (
 	// OutcomeKeyInvalid: the key header was malformed; 400.
 	OutcomeKeyInvalid
 	// OutcomeStoreError: a store call failed. Event.Err says how; the
-	// request got 503, ran unprotected under FailOpen, or (during
-	// completion) the failure was retried.
+	// request got 503, ran unprotected under FailOpen, or (a renewal or a
+	// completion) the call is retried while the lease lasts. A completion
+	// retried after the response went out is reported from another
+	// goroutine, after the request's handler returned.
 	OutcomeStoreError
 	// OutcomeStoreFull: the store refused a new key for capacity; 503.
 	OutcomeStoreFull
 	// OutcomeLeaseLost: the request's claim expired and may have been
 	// taken over; its context was cancelled and its response not stored.
 	OutcomeLeaseLost
-	// OutcomeNotStored: the response was delivered but is too large or the
-	// connection was hijacked; retries get a 500 problem. Event.Detail says
-	// which.
+	// OutcomeNotStored: the response was delivered but cannot be
+	// replayed; retries get a 500 problem. Event.Detail says why: "too
+	// large", "hijacked", "incomplete" (shorter than its Content-Length),
+	// "store_full" (the memory store's byte budget), or "store
+	// unavailable" (the completion was given up with the lease, so a retry
+	// may run the handler again).
 	OutcomeNotStored
 	// OutcomeNotStoredReplay: a retry of a request whose response was not
 	// stored got the 500 problem.
