@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -217,7 +218,7 @@ func (f *flight) finish(took time.Duration) {
 func (f *flight) notStored(rec *recorder, status int, reason string) *Record {
 	resp := Response{StatusCode: status, NotStored: reason}
 	if loc := rec.header().Values("Location"); len(loc) > 0 {
-		resp.Header = http.Header{"Location": loc}
+		resp.Header = http.Header{"Location": slices.Clone(loc)}
 	}
 	return &Record{State: StateCompleted, Token: f.token, Fingerprint: f.fingerprint, Response: resp}
 }

@@ -71,10 +71,10 @@ func requireKey(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if _, ok := idempotency.KeyFromContext(r.Context()); !ok {
 			idempotency.WriteProblem(w, r, &idempotency.Problem{
-				Type:   idempotency.DefaultProblemTypeBase + idempotency.ProblemKeyRequired,
+				Type:   "https://github.com/f8e778d0/idempotency#" + idempotency.ProblemKeyRequired,
 				Title:  "Idempotency key required",
 				Status: http.StatusBadRequest,
-				Detail: idempotency.DefaultHeaderName + " header is required",
+				Detail: "Idempotency-Key" + " header is required",
 			})
 			return
 		}
