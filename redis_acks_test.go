@@ -480,3 +480,12 @@ func TestRedisReplicaAcksSentinel(t *testing.T) {
 		assert.Equal(t, int32(1), runs.Load())
 	})
 }
+
+func TestRedisReplicaAcksTimeoutBelowStoreTimeout(t *testing.T) {
+	t.Skip("needs the check in New that the WithReplicaAcks timeout is shorter than StoreTimeout")
+	_, _, client := redisMiniStore(t)
+	store := idempotency.NewRedisStore(client, idempotency.WithReplicaAcks(1, 2*time.Second))
+	assert.PanicsWithValue(t, "idempotency: the WithReplicaAcks timeout (2s) must be shorter than StoreTimeout (2s)",
+		func() { idempotency.New(idempotency.Config{Store: store}) })
+	assert.NotPanics(t, func() { idempotency.New(idempotency.Config{Store: store, StoreTimeout: 3 * time.Second}) })
+}
