@@ -241,6 +241,9 @@ func newSettings(cfg Config) *settings {
 	// cost allocations. Any other store may wait on a network.
 	_, inMemory := s.store.(*MemoryStore)
 	s.boundedStore = !inMemory
+	if rs, ok := s.store.(*RedisStore); ok {
+		rs.checkStoreTimeout(s.storeTimeout)
+	}
 	if s.shouldStore == nil {
 		s.shouldStore = DefaultShouldStore
 	}

@@ -136,9 +136,10 @@ func (h *handler) claimFailed(w http.ResponseWriter, r *http.Request, skey, key 
 		s.writeProblem(w, r, p)
 		return
 	}
-	// An unreadable record means the key was used: fail closed whatever
+	// An unreadable record means the key was used, and a claim too few
+	// replicas acknowledged reached a master: fail closed whatever
 	// FailOpen says.
-	if s.failOpen && !errors.Is(err, ErrCorruptRecord) && r.Context().Err() == nil {
+	if s.failOpen && !errors.Is(err, ErrCorruptRecord) && !errors.Is(err, ErrReplicaAcks) && r.Context().Err() == nil {
 		s.observe(Event{Outcome: OutcomeStoreError, Request: r, StorageKey: skey, Err: err})
 		h.next.ServeHTTP(w, r.WithContext(&keyContext{Context: r.Context(), key: key}))
 		return

@@ -15,5 +15,12 @@ if token ~= ARGV[1] then
 end
 if state == 1 then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+else
+  -- A repeated completion. Setting the expiry it already has is still a
+  -- write, so a WAIT behind this script covers the completion it repeats.
+  local ttl = redis.call('PTTL', KEYS[1])
+  if ttl > 0 then
+    redis.call('PEXPIRE', KEYS[1], ttl)
+  end
 end
 return 1

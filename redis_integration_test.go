@@ -40,6 +40,11 @@ type redisIntBackend struct {
 	// advance lets d of Redis time pass: FastForward on miniredis, a
 	// sleep on a real server.
 	advance func(d time.Duration)
+	// newClient, when set, makes the clients instead of a plain client of
+	// addr (a Sentinel failover client, say).
+	newClient func(t *testing.T) *redis.Client
+	// opts are added to the options of every instance's RedisStore.
+	opts []idempotency.RedisOption
 }
 
 // redisIntBackends runs test against miniredis, and against the real Redis
@@ -79,6 +84,9 @@ func redisIntLocalBackend(port int) *redisIntBackend {
 // recommends: defaults, plus context deadlines applied to the socket.
 func (b *redisIntBackend) client(t *testing.T) *redis.Client {
 	t.Helper()
+	if b.newClient != nil {
+		return b.newClient(t)
+	}
 	client := redis.NewClient(&redis.Options{Addr: b.addr, ContextTimeoutEnabled: true})
 	t.Cleanup(func() { _ = client.Close() })
 	return client
@@ -101,7 +109,7 @@ func (b *redisIntBackend) instance(t *testing.T, cfg idempotency.Config, h http.
 	t.Helper()
 	in := &redisIntInstance{client: b.client(t), hook: &redisCountingHook{}, events: &redisIntEvents{}}
 	in.client.AddHook(in.hook)
-	in.store = idempotency.NewRedisStore(in.client, idempotency.WithKeyPrefix(b.prefix))
+	in.store = idempotency.NewRedisStore(in.client, append([]idempotency.RedisOption{idempotency.WithKeyPrefix(b.prefix)}, b.opts...)...)
 	cfg.Store = in.store
 	if wrap != nil {
 		cfg.Store = wrap(in.store)
@@ -635,59 +643,68 @@ func TestRedisIntegrationBriefOutageDuringCompletion(t *testing.T) {
 }
 
 func TestRedisIntegrationRoundTrips(t *testing.T) {
-	redisIntBackends(t, func(t *testing.T, b *redisIntBackend) {
-		var runs atomic.Int32
-		var gate atomic.Pointer[chan struct{}]
-		started := make(chan struct{}, 1)
-		in := b.instance(t, idempotency.Config{}, redisIntOrders(&runs, "instance", func(*http.Request) {
-			if g := gate.Load(); g != nil {
-				started <- struct{}{}
-				<-*g
-			}
-		}), nil)
-		hc := redisIntHTTPClient(t)
-		trips := func(step string, want int) {
-			t.Helper()
-			assert.Equal(t, want, in.hook.total(), "%s: Redis round trips", step)
-			assert.Zero(t, in.hook.evalCount(), "%s: the scripts were cached", step)
-			in.hook.reset()
-		}
-
-		// Warm up: the first run of each script falls back from EVALSHA to
-		// EVAL, which caches it on the server.
-		warm := redisIntKey(t) + "-warm-up"
-		require.Equal(t, http.StatusCreated, redisIntMustPost(t, hc, in.url, warm).status)
-		require.True(t, redisIntMustPost(t, hc, in.url, warm).replayed())
-		in.hook.reset()
-
-		key := redisIntKey(t)
-		r := redisIntMustPost(t, hc, in.url, key)
-		require.Equal(t, http.StatusCreated, r.status)
-		require.False(t, r.replayed())
-		trips("first execution", 2)
-
-		r = redisIntMustPost(t, hc, in.url, key)
-		require.True(t, r.replayed())
-		trips("replay", 1)
-
-		// A conflict: the key of a request still running.
-		g := make(chan struct{})
-		gate.Store(&g)
-		busy := redisIntKey(t) + "-busy"
-		done := make(chan redisIntResponse, 1)
-		go func() {
-			r, err := redisIntPost(t.Context(), hc, in.url, busy)
-			assert.NoError(t, err)
-			done <- r
-		}()
-		<-started
-		trips("claim of the running request", 1)
-		r = redisIntMustPost(t, hc, in.url, busy)
-		require.Equal(t, http.StatusConflict, r.status)
-		trips("conflict", 1)
-		gate.Store(nil)
-		close(g)
-		require.Equal(t, http.StatusCreated, (<-done).status)
-		trips("completion of the running request", 1)
+	redisIntBackends(t, redisIntRoundTrips)
+	// With WithReplicaAcks on a master with a replica: the WAIT rides in
+	// the script's round trip.
+	t.Run("sentinel-replica-acks", func(t *testing.T) {
+		redisIntRoundTrips(t, redisSentinelBackend(t, idempotency.WithReplicaAcks(1, time.Second)))
 	})
+}
+
+// redisIntRoundTrips counts the Redis round trips of a first execution, a
+// replay and a conflict on b.
+func redisIntRoundTrips(t *testing.T, b *redisIntBackend) {
+	var runs atomic.Int32
+	var gate atomic.Pointer[chan struct{}]
+	started := make(chan struct{}, 1)
+	in := b.instance(t, idempotency.Config{}, redisIntOrders(&runs, "instance", func(*http.Request) {
+		if g := gate.Load(); g != nil {
+			started <- struct{}{}
+			<-*g
+		}
+	}), nil)
+	hc := redisIntHTTPClient(t)
+	trips := func(step string, want int) {
+		t.Helper()
+		assert.Equal(t, want, in.hook.total(), "%s: Redis round trips", step)
+		assert.Zero(t, in.hook.evalCount(), "%s: the scripts were cached", step)
+		in.hook.reset()
+	}
+
+	// Warm up: the first run of each script falls back from EVALSHA to
+	// EVAL, which caches it on the server.
+	warm := redisIntKey(t) + "-warm-up"
+	require.Equal(t, http.StatusCreated, redisIntMustPost(t, hc, in.url, warm).status)
+	require.True(t, redisIntMustPost(t, hc, in.url, warm).replayed())
+	in.hook.reset()
+
+	key := redisIntKey(t)
+	r := redisIntMustPost(t, hc, in.url, key)
+	require.Equal(t, http.StatusCreated, r.status)
+	require.False(t, r.replayed())
+	trips("first execution", 2)
+
+	r = redisIntMustPost(t, hc, in.url, key)
+	require.True(t, r.replayed())
+	trips("replay", 1)
+
+	// A conflict: the key of a request still running.
+	g := make(chan struct{})
+	gate.Store(&g)
+	busy := redisIntKey(t) + "-busy"
+	done := make(chan redisIntResponse, 1)
+	go func() {
+		r, err := redisIntPost(t.Context(), hc, in.url, busy)
+		assert.NoError(t, err)
+		done <- r
+	}()
+	<-started
+	trips("claim of the running request", 1)
+	r = redisIntMustPost(t, hc, in.url, busy)
+	require.Equal(t, http.StatusConflict, r.status)
+	trips("conflict", 1)
+	gate.Store(nil)
+	close(g)
+	require.Equal(t, http.StatusCreated, (<-done).status)
+	trips("completion of the running request", 1)
 }

@@ -61,6 +61,20 @@ const redisDefaultKeyPrefix = "idempotency:"
 type RedisStore struct {
 	client redisClient
 	prefix string
+	acks   *redisAcks // nil without WithReplicaAcks
+}
+
+// redisAcks is what WithReplicaAcks set, with the way to reach the master
+// of a key.
+type redisAcks struct {
+	n       int
+	timeout time.Duration
+	// master returns the client of the server that holds key as master:
+	// a pipeline on it runs on one connection to that server.
+	master func(ctx context.Context, key string) (*redis.Client, error)
+	// cluster is the Cluster client, told to reload its slot map when a
+	// node answers MOVED or ASK; nil on other topologies.
+	cluster *redis.ClusterClient
 }
 
 // redisClient is the part of a [redis.UniversalClient] that RedisStore
@@ -76,8 +90,18 @@ var _ Store = (*RedisStore)(nil)
 type RedisOption func(*redisOptions)
 
 type redisOptions struct {
-	prefix string
+	prefix     string
+	acks       int
+	ackTimeout time.Duration
 }
+
+// ErrReplicaAcks is returned, wrapped, by a [RedisStore] built with
+// [WithReplicaAcks] when a claim, extension or completion was applied on
+// the master but fewer replicas than asked acknowledged it in time. The
+// master was reachable, so it is not an outage: the middleware answers
+// such a claim 503 even when Config.FailOpen is set, and retries an
+// extension or completion while the lease lasts.
+var ErrReplicaAcks = errors.New("idempotency: too few replicas acknowledged the write")
 
 // WithKeyPrefix sets the prefix of the Redis keys that hold records; the
 // key of a record is the prefix followed by the 64 hexadecimal digits of
@@ -85,6 +109,38 @@ type redisOptions struct {
 // Redis. The default is "idempotency:".
 func WithKeyPrefix(prefix string) RedisOption {
 	return func(o *redisOptions) { o.prefix = prefix }
+}
+
+// WithReplicaAcks makes every claim, extension and completion wait until
+// at least n replicas of the key's master hold it, for at most timeout: a
+// WAIT pipelined right behind the script, on the same connection to the
+// key's own master (the node that owns the key's slot on Redis Cluster,
+// the key's shard on a Ring), so each operation stays one round trip.
+// Fewer acknowledgements make the call fail with an error wrapping
+// [ErrReplicaAcks]: the middleware answers such a claim 503 (the claim is
+// released first, so the retry need not wait out the lease) and retries
+// an extension or completion while the lease lasts. Release, Get and
+// Delete do not wait.
+//
+// With it, a Sentinel or Cluster failover to a replica that acknowledged
+// does not forget a claim or a stored response the middleware acted on.
+// Replication stays asynchronous: WAIT does not make a write durable on
+// the replica's disk, and a write that timed out may still be applied on
+// the master and replicated later. See the Redis documentation of WAIT
+// and the server's min-replicas-to-write setting, its companion.
+//
+// The timeout must be shorter than Config.StoreTimeout, which New checks.
+// WithReplicaAcks panics unless n >= 1 and timeout > 0, and NewRedisStore
+// panics when the client is not a *redis.Client (which includes the
+// Sentinel failover client), *redis.ClusterClient or *redis.Ring.
+func WithReplicaAcks(n int, timeout time.Duration) RedisOption {
+	if n < 1 {
+		panic(fmt.Sprintf("idempotency: WithReplicaAcks needs at least 1 replica, not %d", n))
+	}
+	if timeout <= 0 {
+		panic("idempotency: WithReplicaAcks timeout must be positive")
+	}
+	return func(o *redisOptions) { o.acks, o.ackTimeout = n, timeout }
 }
 
 // NewRedisStore returns a store that keeps its records in Redis through
@@ -98,35 +154,74 @@ func NewRedisStore(client redis.UniversalClient, opts ...RedisOption) *RedisStor
 	for _, opt := range opts {
 		opt(&o)
 	}
-	return &RedisStore{client: client, prefix: o.prefix}
+	s := &RedisStore{client: client, prefix: o.prefix}
+	if o.acks > 0 {
+		s.acks = &redisAcks{n: o.acks, timeout: o.ackTimeout}
+		switch c := client.(type) {
+		case *redis.Client:
+			s.acks.master = func(context.Context, string) (*redis.Client, error) { return c, nil }
+		case *redis.ClusterClient:
+			s.acks.master, s.acks.cluster = c.MasterForKey, c
+		case *redis.Ring:
+			s.acks.master = func(_ context.Context, key string) (*redis.Client, error) { return c.GetShardClientForKey(key) }
+		default:
+			panic(fmt.Sprintf("idempotency: WithReplicaAcks needs a *redis.Client, *redis.ClusterClient or *redis.Ring, not %T", client))
+		}
+	}
+	return s
 }
 
-// Claim implements [Store.Claim] with one script run.
+// checkStoreTimeout panics when the store cannot finish a call within
+// storeTimeout, the middleware's StoreTimeout: the WithReplicaAcks timeout
+// must leave room for the round trip.
+func (s *RedisStore) checkStoreTimeout(storeTimeout time.Duration) {
+	if s.acks != nil && s.acks.timeout >= storeTimeout {
+		panic(fmt.Sprintf("idempotency: the WithReplicaAcks timeout (%v) must be shorter than StoreTimeout (%v)", s.acks.timeout, storeTimeout))
+	}
+}
+
+// Claim implements [Store.Claim] with one script run (and, with
+// [WithReplicaAcks], its WAIT in the same round trip).
 func (s *RedisStore) Claim(ctx context.Context, key, token string, lease time.Duration) (*Record, error) {
 	if err := redisCheckToken(token); err != nil {
 		return nil, err
 	}
-	v, err := redisClaimScript.Run(ctx, s.client, []string{s.prefix + key}, token, redisMillis(lease)).Result()
+	v, acked, err := s.run(ctx, redisClaimScript, s.prefix+key, token, redisMillis(lease))
 	if err != nil {
 		return nil, fmt.Errorf("idempotency: redis claim: %w", err)
 	}
 	if _, claimed := v.(int64); claimed {
+		if err := s.checkAcks(acked); err != nil {
+			// Nobody acts on this claim: free the key at once rather than
+			// have the client's retry wait out the lease.
+			_ = s.Release(ctx, key, token)
+			return nil, fmt.Errorf("idempotency: redis claim: %w", err)
+		}
 		return nil, nil
 	}
+	// Nothing was written: the WAIT count says nothing about this record.
 	return redisDecodeReply(v)
 }
 
-// Extend implements [Store.Extend] with one script run.
+// Extend implements [Store.Extend] with one script run (and, with
+// [WithReplicaAcks], its WAIT in the same round trip).
 func (s *RedisStore) Extend(ctx context.Context, key, token string, lease time.Duration) error {
-	n, err := redisExtendScript.Run(ctx, s.client, []string{s.prefix + key}, token, redisMillis(lease)).Int64()
+	v, acked, err := s.run(ctx, redisExtendScript, s.prefix+key, token, redisMillis(lease))
 	if err != nil {
 		return fmt.Errorf("idempotency: redis extend: %w", err)
 	}
-	return redisOwnerResult(n)
+	if err := redisOwnerReply(v); err != nil {
+		return err
+	}
+	if err := s.checkAcks(acked); err != nil {
+		return fmt.Errorf("idempotency: redis extend: %w", err)
+	}
+	return nil
 }
 
-// Complete implements [Store.Complete] with one script run. It panics if
-// rec is nil.
+// Complete implements [Store.Complete] with one script run (and, with
+// [WithReplicaAcks], its WAIT in the same round trip). It panics if rec is
+// nil.
 func (s *RedisStore) Complete(ctx context.Context, key, token string, rec *Record, ttl time.Duration) error {
 	if rec == nil {
 		panic("idempotency: Complete needs a non-nil record")
@@ -135,11 +230,17 @@ func (s *RedisStore) Complete(ctx context.Context, key, token string, rec *Recor
 		return err
 	}
 	value := encodeRecord(token, rec)
-	n, err := redisCompleteScript.Run(ctx, s.client, []string{s.prefix + key}, token, value, redisMillis(ttl)).Int64()
+	v, acked, err := s.run(ctx, redisCompleteScript, s.prefix+key, token, value, redisMillis(ttl))
 	if err != nil {
 		return fmt.Errorf("idempotency: redis complete: %w", err)
 	}
-	return redisOwnerResult(n)
+	if err := redisOwnerReply(v); err != nil {
+		return err
+	}
+	if err := s.checkAcks(acked); err != nil {
+		return fmt.Errorf("idempotency: redis complete: %w", err)
+	}
+	return nil
 }
 
 // Release implements [Store.Release] with one script run.
@@ -172,6 +273,74 @@ func (s *RedisStore) Delete(ctx context.Context, key string) error {
 	return nil
 }
 
+// run runs script on the record key rkey and returns its reply. With
+// [WithReplicaAcks] it also returns how many replicas acknowledged the
+// writes made so far on the connection (-1 without the option): the
+// script and a WAIT go in one pipeline to the key's master. The count
+// means something only when the script wrote; every script that reports
+// success has written, so a repeated call is covered too.
+func (s *RedisStore) run(ctx context.Context, script *redis.Script, rkey string, args ...any) (any, int64, error) {
+	keys := []string{rkey}
+	if s.acks == nil {
+		v, err := script.Run(ctx, s.client, keys, args...).Result()
+		return v, -1, err
+	}
+	master, err := s.acks.master(ctx, rkey)
+	if err != nil {
+		return nil, 0, err
+	}
+	v, acked, err := s.runAcked(ctx, master, func(p redis.Pipeliner) *redis.Cmd {
+		return script.EvalSha(ctx, p, keys, args...)
+	})
+	if redis.HasErrorPrefix(err, "NOSCRIPT") {
+		// That server's script cache does not have it (a restart, a
+		// failover, SCRIPT FLUSH): EVAL caches it and does the work.
+		v, acked, err = s.runAcked(ctx, master, func(p redis.Pipeliner) *redis.Cmd {
+			return script.Eval(ctx, p, keys, args...)
+		})
+	}
+	if s.acks.cluster != nil {
+		_, moved := redis.IsMovedError(err)
+		_, ask := redis.IsAskError(err)
+		if moved || ask {
+			// The slot map is stale: the next call goes to the right node.
+			s.acks.cluster.ReloadState(ctx)
+		}
+	}
+	return v, acked, err
+}
+
+// runAcked sends the script command that queue adds and a WAIT in one
+// pipeline on master. The script's own reply is checked first: a failed
+// script makes the WAIT count meaningless.
+func (s *RedisStore) runAcked(ctx context.Context, master *redis.Client, queue func(redis.Pipeliner) *redis.Cmd) (any, int64, error) {
+	var eval *redis.Cmd
+	var wait *redis.Cmd
+	_, _ = master.Pipelined(ctx, func(p redis.Pipeliner) error {
+		eval = queue(p)
+		wait = p.Do(ctx, "WAIT", s.acks.n, redisMillis(s.acks.timeout))
+		return nil
+	})
+	v, err := eval.Result()
+	if err != nil {
+		return nil, 0, err
+	}
+	acked, err := wait.Int64()
+	if err != nil {
+		return nil, 0, fmt.Errorf("WAIT: %w", err)
+	}
+	return v, acked, nil
+}
+
+// checkAcks returns an error wrapping ErrReplicaAcks when acked, a WAIT
+// count from run, is short of what WithReplicaAcks asks.
+func (s *RedisStore) checkAcks(acked int64) error {
+	if s.acks == nil || acked >= int64(s.acks.n) {
+		return nil
+	}
+	return fmt.Errorf("%w: %d of %d within %v", ErrReplicaAcks, acked, s.acks.n, s.acks.timeout)
+}
+
 // redisMillis returns d in whole milliseconds, at least 1: Redis refuses a
 // PX or PEXPIRE of 0.
 func redisMillis(d time.Duration) int64 {
@@ -184,6 +353,16 @@ func redisCheckToken(token string) error {
 		return fmt.Errorf("idempotency: redis store: token of %d bytes is longer than %d", len(token), recordMaxTokenLen)
 	}
 	return nil
+}
+
+// redisOwnerReply is redisOwnerResult of a script reply that should be an
+// integer.
+func redisOwnerReply(v any) error {
+	n, ok := v.(int64)
+	if !ok {
+		return fmt.Errorf("idempotency: redis store: unexpected script reply of type %T", v)
+	}
+	return redisOwnerResult(n)
 }
 
 // redisOwnerResult maps the reply of the owner-checked scripts to an error.

@@ -476,7 +476,7 @@ func TestRedisStoreRacingClaims(t *testing.T) {
 }
 
 // redisCountingHook counts the commands and pipelines a client sends and
-// keeps the arguments of each script run.
+// keeps the arguments of each script run, alone or in a pipeline.
 type redisCountingHook struct {
 	mu        sync.Mutex
 	commands  int
@@ -502,6 +502,11 @@ func (h *redisCountingHook) ProcessPipelineHook(next redis.ProcessPipelineHook) 
 	return func(ctx context.Context, cmds []redis.Cmder) error {
 		h.mu.Lock()
 		h.pipelines++
+		for _, cmd := range cmds {
+			if name := cmd.Name(); name == "evalsha" || name == "eval" {
+				h.evals = append(h.evals, cmd.Args())
+			}
+		}
 		h.mu.Unlock()
 		return next(ctx, cmds)
 	}
