@@ -454,4 +454,3 @@ func (p *toggleProxy) setDown(down bool) {
 		p.conns = nil
 	}
 }
-
