@@ -15,10 +15,11 @@
 // completes the key with its response or releases it. Each record is one
 // row; every operation is one SQL statement, so a first execution costs two
 // statements (claim, complete) and a replay or a conflict one. Claim-or-get
-// is a single INSERT ... ON CONFLICT DO UPDATE statement that takes the key
-// only when it is absent, expired or already held by the same token: of
-// any number of concurrent claimers, on any number of processes, exactly
-// one wins. Lease and TTL expiry are read from the database clock, never
+// is a single statement: it reads the key and, only when the key is
+// absent, expired or already held by the same token, claims it with
+// INSERT ... ON CONFLICT DO UPDATE, which re-checks the row as it is at
+// that moment. Of any number of concurrent claimers, on any number of
+// processes, exactly one wins; a replay or a conflict writes nothing. Lease and TTL expiry are read from the database clock, never
 // from the application's, so the processes sharing the table need no clock
 // agreement.
 //

@@ -21,9 +21,9 @@ const (
 // migrateLockKey is the advisory lock Migrate holds while it looks at the
 // catalog and creates the table: a fixed number, so that instances
 // starting together create the table once. It is the first 64 bits of the
-// SHA-256 of "github.com/f8e778d0/idempotency/postgres.Migrate" shifted
-// right by one, to stay positive; any fixed
-// value would do, this one is unlikely to be another application's.
+// SHA-256 of "github.com/f8e778d0/idempotency/postgres.Migrate", shifted
+// right by one to stay positive: any fixed value would do, and this one is
+// unlikely to be another application's.
 const migrateLockKey int64 = 0x1fa7254db7b34942
 
 // Limits of the table name: PostgreSQL names hold 63 bytes, and the index

@@ -34,8 +34,10 @@ const settleAttempts = 5
 // table, one row per key. Build it with [NewStore].
 //
 // A Store is safe for concurrent use by multiple goroutines and processes.
-// Every call is bounded by its context: pgx cancels a query whose context
-// ends.
+// Every call is bounded by its context: when it ends, pgx returns at once
+// and, by default, closes the connection. A statement the server already
+// runs may still take effect, as the [idempotency.Store] contract allows;
+// the middleware's re-sent Complete, or the lease running out, settles it.
 type Store struct {
 	pool  *pgxpool.Pool
 	table string // quoted, possibly schema-qualified
