@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -177,10 +178,19 @@ func TestMiddleware(t *testing.T) {
 // TestRoundTrips counts, after the statements are prepared, what each kind
 // of request sends on the pool: statements (a pgx QueryTracer) and network
 // round trips (writes after reads on the connection). First execution 2
-// (claim, complete), replay 1, conflict 1.
+// (claim, complete), replay 1, conflict 1, in pgx's default query mode and
+// in the two modes for poolers without prepared statements.
 func TestRoundTrips(t *testing.T) {
+	modes := []pgx.QueryExecMode{pgx.QueryExecModeCacheStatement, pgx.QueryExecModeExec, pgx.QueryExecModeSimpleProtocol}
+	for _, mode := range modes {
+		t.Run(mode.String(), func(t *testing.T) { testRoundTrips(t, mode) })
+	}
+}
+
+func testRoundTrips(t *testing.T, mode pgx.QueryExecMode) {
 	cfg := poolConfig(t)
 	cfg.MaxConns = 1 // one connection, so the warm-up prepares everything on it
+	cfg.ConnConfig.DefaultQueryExecMode = mode
 	queries, trips := &queryCounter{}, &tripCounter{}
 	cfg.ConnConfig.Tracer = queries
 	cfg.ConnConfig.DialFunc = trips.dial

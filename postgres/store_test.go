@@ -54,6 +54,21 @@ func TestConformanceSchemaQualified(t *testing.T) {
 	storetest.Run(t, func(*testing.T) idempotency.Store { return store })
 }
 
+// TestConformanceExecModes runs the suite with the pgx query modes that
+// work behind a pooler that keeps no prepared statements (PgBouncer in
+// transaction pooling before 1.21): unnamed statements with parameter
+// types taken from the Go values, and the simple protocol.
+func TestConformanceExecModes(t *testing.T) {
+	for _, mode := range []pgx.QueryExecMode{pgx.QueryExecModeExec, pgx.QueryExecModeSimpleProtocol} {
+		t.Run(mode.String(), func(t *testing.T) {
+			cfg := poolConfig(t)
+			cfg.ConnConfig.DefaultQueryExecMode = mode
+			store := newStore(t, newPool(t, cfg))
+			storetest.Run(t, func(*testing.T) idempotency.Store { return store })
+		})
+	}
+}
+
 // TestConcurrentClaimsThreePools races 200 claims of one key through three
 // pools, as three processes would: exactly one wins and every other one
 // sees the winner's claim. It does so for an absent key and for a key whose
