@@ -161,7 +161,8 @@ type settings struct {
 	requireKey   bool
 	methods      []string // nil: the default POST, PUT, PATCH
 	store        Store
-	boundedStore bool // calls can block: bound them by storeTimeout
+	tx           TxStore // store, when its requests run in its transactions
+	boundedStore bool    // calls can block: bound them by storeTimeout
 	keyScope     func(*http.Request) string
 	failOpen     bool
 	retryAfter   time.Duration
@@ -177,7 +178,7 @@ type settings struct {
 	observer     func(Event)
 
 	// The problem details that name the header, built once.
-	detailKeyRequired, detailInProgress, detailKeyReused string
+	detailKeyRequired, detailInProgress, detailKeyReused, detailNotCommitted string
 }
 
 func newSettings(cfg Config) *settings {
@@ -244,6 +245,12 @@ func newSettings(cfg Config) *settings {
 	if rs, ok := s.store.(*RedisStore); ok {
 		rs.checkStoreTimeout(s.storeTimeout)
 	}
+	if ts, ok := s.store.(TxStore); ok && ts.Transactional() {
+		if s.failOpen {
+			panic("idempotency: FailOpen cannot be used with a transactional store: there would be no transaction for the handler")
+		}
+		s.tx = ts
+	}
 	if s.shouldStore == nil {
 		s.shouldStore = DefaultShouldStore
 	}
@@ -264,6 +271,7 @@ func newSettings(cfg Config) *settings {
 	s.detailKeyRequired = s.headerName + " header is required"
 	s.detailInProgress = "A request with this " + s.headerName + " is already in progress"
 	s.detailKeyReused = "This " + s.headerName + " was already used for a different request"
+	s.detailNotCommitted = "The request was not committed, or may not have been; a retry with the same " + s.headerName + " is safe"
 	if s.writeProblem == nil {
 		s.writeProblem = WriteProblem
 	}

@@ -35,25 +35,37 @@ func (h *handler) run(w http.ResponseWriter, r *http.Request, skey, key, token s
 			s.observe(Event{Outcome: OutcomeReleased, Request: r, StorageKey: skey, Duration: time.Since(start), Detail: "handler panicked"})
 		}
 	}()
-	switch {
-	case s.fingerprint != nil:
-		f.fingerprint = s.fingerprint(r2)
-	case r2.Body != nil && r2.Body != http.NoBody:
-		f.body = bodyRecorder{body: r2.Body, length: r2.ContentLength, limit: s.fpLimit}
-		f.body.hash.buf = appendFields(f.fpBuf[:0], r2)
-		r2.Body = &f.body
-	}
+	f.watchBody(r2)
 	h.next.ServeHTTP(&f.rec, r2)
 	normal = true
 	f.stopLease()
 	cancel(nil)
+	f.sealFingerprint()
+	f.finish(time.Since(start))
+}
+
+// watchBody starts the request's fingerprint: a custom one is taken now;
+// the default one covers what the handler reads of r's body, which it
+// replaces.
+func (f *flight) watchBody(r *http.Request) {
+	switch {
+	case f.s.fingerprint != nil:
+		f.fingerprint = f.s.fingerprint(r)
+	case r.Body != nil && r.Body != http.NoBody:
+		f.body = bodyRecorder{body: r.Body, length: r.ContentLength, limit: f.s.fpLimit}
+		f.body.hash.buf = appendFields(f.fpBuf[:0], r)
+		r.Body = &f.body
+	}
+}
+
+// sealFingerprint ends the default fingerprint once the handler returned.
+func (f *flight) sealFingerprint() {
 	switch {
 	case f.body.body != nil:
 		f.fingerprint = f.body.seal()
-	case s.fingerprint == nil:
-		f.fingerprint = emptyBodyFingerprint(r)
+	case f.s.fingerprint == nil:
+		f.fingerprint = emptyBodyFingerprint(f.r)
 	}
-	f.finish(time.Since(start))
 }
 
 // flight is the state of one claimed request while its handler runs and
@@ -204,12 +216,18 @@ func (f *flight) finish(took time.Duration) {
 	case rec.incomplete() && r.Method != http.MethodHead:
 		f.complete(f.notStored(rec, status, "incomplete"), took)
 	default:
-		f.complete(&Record{
-			State:       StateCompleted,
-			Token:       f.token,
-			Fingerprint: f.fingerprint,
-			Response:    Response{StatusCode: status, Header: s.storedHeader(rec, status), Body: rec.buf},
-		}, took)
+		f.complete(f.record(status), took)
+	}
+}
+
+// record returns the record of the response the handler wrote, with final
+// status.
+func (f *flight) record(status int) *Record {
+	return &Record{
+		State:       StateCompleted,
+		Token:       f.token,
+		Fingerprint: f.fingerprint,
+		Response:    Response{StatusCode: status, Header: f.s.storedHeader(&f.rec, status), Body: f.rec.buf},
 	}
 }
 

@@ -85,6 +85,10 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		scope = s.keyScope(r)
 	}
 	skey, token := h.keyAndToken(scope, key)
+	if s.tx != nil {
+		h.serveTx(w, r, s.tx, skey, key)
+		return
+	}
 
 	// 3. Claim the key, or get the record that is there, in one operation.
 	ctx, cancel := s.storeContext(r.Context())
@@ -169,6 +173,12 @@ func (s *settings) replay(w http.ResponseWriter, r *http.Request, skey string, r
 		s.writeProblem(w, r, s.problem(ProblemKeyReused, http.StatusUnprocessableEntity, s.detailKeyReused))
 		return
 	}
+	s.answerFrom(w, r, skey, rec)
+}
+
+// answerFrom answers a request from the completed record of its key: the
+// stored response, or the not-stored problem.
+func (s *settings) answerFrom(w http.ResponseWriter, r *http.Request, skey string, rec *Record) {
 	resp := &rec.Response
 	if resp.NotStored != "" {
 		s.observe(Event{Outcome: OutcomeNotStoredReplay, Request: r, StorageKey: skey, Status: http.StatusInternalServerError, Detail: resp.NotStored})
@@ -197,29 +207,36 @@ func (s *settings) matches(w http.ResponseWriter, r *http.Request, want []byte) 
 	return matchFingerprint(w, r, want, s.fpLimit, s.storeTimeout)
 }
 
-// writeStored writes a stored response. The header values are copied into
-// one new backing array, so the writer never holds a slice of the record.
-func writeStored(w http.ResponseWriter, resp *Response) {
+// writeStored writes a stored response, marked as replayed.
+func writeStored(w http.ResponseWriter, resp *Response) { writeResponse(w, resp, true) }
+
+// writeResponse writes resp, with an exact Content-Length and, when
+// replayed, the replay marker. The header values are copied into one new
+// backing array, so the writer never holds a slice of resp.
+func writeResponse(w http.ResponseWriter, resp *Response, replayed bool) {
 	h := w.Header()
 	n := 2
 	for _, values := range resp.Header {
 		n += len(values)
 	}
 	vals := make([]string, 0, n)
-	for name, values := range resp.Header {
+	add := func(name string, values ...string) {
 		i := len(vals)
 		vals = append(vals, values...)
 		h[name] = vals[i:len(vals):len(vals)]
 	}
+	for name, values := range resp.Header {
+		add(name, values...)
+	}
 	allowed := bodyAllowed(resp.StatusCode)
 	if allowed {
-		vals = append(vals, strconv.Itoa(len(resp.Body)))
-		h["Content-Length"] = vals[len(vals)-1:]
+		add("Content-Length", strconv.Itoa(len(resp.Body)))
 	} else {
 		delete(h, "Content-Length")
 	}
-	vals = append(vals, "true")
-	h[ReplayedHeader] = vals[len(vals)-1:]
+	if replayed {
+		add(ReplayedHeader, "true")
+	}
 	w.WriteHeader(resp.StatusCode)
 	if allowed && len(resp.Body) > 0 {
 		_, _ = w.Write(resp.Body)

@@ -50,6 +50,10 @@ const (
 	// OutcomeNotStoredReplay: a retry of a request whose response was not
 	// stored got the 500 problem.
 	OutcomeNotStoredReplay
+	// OutcomeNotCommitted: with a transactional store ([TxStore]), the
+	// commit of the handler's writes and its response failed or its
+	// outcome is unknown; the request got 503. Event.Err says why.
+	OutcomeNotCommitted
 )
 
 // String returns the outcome's name in lower case, such as "replayed".
@@ -79,6 +83,8 @@ func (o Outcome) String() string {
 		return "not_stored"
 	case OutcomeNotStoredReplay:
 		return "not_stored_replay"
+	case OutcomeNotCommitted:
+		return "not_committed"
 	}
 	return "unknown"
 }

@@ -18,6 +18,7 @@ const (
 	ProblemStoreUnavailable = "store-unavailable"   // 503: the store cannot be reached or read
 	ProblemStoreFull        = "store-full"          // 503: the memory store is at its entry cap
 	ProblemNotStored        = "response-not-stored" // 500: the original response was not kept
+	ProblemNotCommitted     = "not-committed"       // 503 (or 500): a transactional store did not commit the request
 )
 
 // Problem is an RFC 9457 problem detail produced by the middleware.
@@ -92,6 +93,8 @@ func problemTitle(fragment string) string {
 		return "Idempotency store full"
 	case ProblemNotStored:
 		return "Response not stored"
+	case ProblemNotCommitted:
+		return "Request not committed"
 	}
 	return "Idempotency error"
 }

@@ -1,0 +1,387 @@
+package idempotency_test
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/f8e778d0/idempotency"
+)
+
+// txFakeStore is a TxStore in memory: a key is locked by the transaction
+// that began on it, and a transaction's writes (rows in a table of its
+// own) become visible only when it commits.
+type txFakeStore struct {
+	*idempotency.MemoryStore
+
+	mu       sync.Mutex
+	locked   map[string]bool
+	records  map[string]*idempotency.Record
+	rows     []string // committed business writes
+	begins   atomic.Int64
+	rolled   atomic.Int64
+	beginErr error
+	// commitHook, when set, decides a commit's outcome instead of the store.
+	commitHook func(tx *txFake) (*idempotency.Record, error)
+}
+
+func newTxFakeStore() *txFakeStore {
+	return &txFakeStore{MemoryStore: idempotency.NewMemoryStore(), locked: map[string]bool{}, records: map[string]*idempotency.Record{}}
+}
+
+func (s *txFakeStore) Transactional() bool { return true }
+
+func (s *txFakeStore) Begin(ctx context.Context, key string) (idempotency.StoreTx, *idempotency.Record, error) {
+	s.begins.Add(1)
+	if s.beginErr != nil {
+		return nil, nil, s.beginErr
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.locked[key] {
+		return nil, nil, idempotency.ErrKeyBusy
+	}
+	s.locked[key] = true
+	return &txFake{s: s, key: key}, s.records[key], nil
+}
+
+func (s *txFakeStore) committedRows() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]string(nil), s.rows...)
+}
+
+// txFake is a transaction of a txFakeStore.
+type txFake struct {
+	s       *txFakeStore
+	key     string
+	mu      sync.Mutex
+	rows    []string
+	aborted bool
+	ended   bool
+}
+
+type txCtxKey struct{}
+
+// txFrom returns the transaction a handler runs in, or nil.
+func txFrom(ctx context.Context) *txFake {
+	tx, _ := ctx.Value(txCtxKey{}).(*txFake)
+	return tx
+}
+
+func (tx *txFake) insert(row string) {
+	tx.mu.Lock()
+	defer tx.mu.Unlock()
+	tx.rows = append(tx.rows, row)
+}
+
+func (tx *txFake) Context(ctx context.Context) context.Context {
+	return context.WithValue(ctx, txCtxKey{}, tx)
+}
+
+func (tx *txFake) Aborted() bool {
+	tx.mu.Lock()
+	defer tx.mu.Unlock()
+	return tx.aborted
+}
+
+func (tx *txFake) Commit(_ context.Context, rec *idempotency.Record, _ time.Duration) (*idempotency.Record, error) {
+	if tx.s.commitHook != nil {
+		live, err := tx.s.commitHook(tx)
+		if live != nil || err != nil {
+			tx.end(nil, nil)
+			return live, err
+		}
+	}
+	tx.end(rec, tx.rows)
+	return nil, nil
+}
+
+func (tx *txFake) Rollback(context.Context) error {
+	tx.mu.Lock()
+	ended := tx.ended
+	tx.mu.Unlock()
+	if !ended {
+		tx.s.rolled.Add(1)
+		tx.end(nil, nil)
+	}
+	return nil
+}
+
+// end ends the transaction, keeping rec and rows when it commits.
+func (tx *txFake) end(rec *idempotency.Record, rows []string) {
+	tx.mu.Lock()
+	tx.ended = true
+	tx.mu.Unlock()
+	s := tx.s
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if rec != nil {
+		s.records[tx.key] = rec
+		s.rows = append(s.rows, rows...)
+	}
+	delete(s.locked, tx.key)
+}
+
+// txOrders is a handler that inserts an order row in its transaction and
+// answers 201, or what the request's X-Answer header says.
+func txOrders(runs *atomic.Int64) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		n := runs.Add(1)
+		body, _ := io.ReadAll(r.Body)
+		if tx := txFrom(r.Context()); tx != nil {
+			tx.insert(string(body))
+		}
+		switch r.Header.Get("X-Answer") {
+		case "500":
+			w.WriteHeader(http.StatusInternalServerError)
+			return
+		case "abort":
+			txFrom(r.Context()).mu.Lock()
+			txFrom(r.Context()).aborted = true
+			txFrom(r.Context()).mu.Unlock()
+		case "abort-404":
+			txFrom(r.Context()).mu.Lock()
+			txFrom(r.Context()).aborted = true
+			txFrom(r.Context()).mu.Unlock()
+			http.NotFound(w, r)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusCreated)
+		_, _ = io.WriteString(w, `{"order":`+string(rune('0'+n))+`}`)
+	}
+}
+
+func txDo(h http.Handler, key, body string, header ...string) *httptest.ResponseRecorder {
+	req := httptest.NewRequest(http.MethodPost, "/orders", strings.NewReader(body))
+	if key != "" {
+		req.Header.Set("Idempotency-Key", key)
+	}
+	for i := 0; i+1 < len(header); i += 2 {
+		req.Header.Set(header[i], header[i+1])
+	}
+	w := httptest.NewRecorder()
+	h.ServeHTTP(w, req)
+	return w
+}
+
+func txProblemType(t *testing.T, w *httptest.ResponseRecorder) string {
+	t.Helper()
+	var p struct{ Type string }
+	require.NoError(t, json.Unmarshal(w.Body.Bytes(), &p), w.Body.String())
+	return strings.TrimPrefix(p.Type, "https://github.com/f8e778d0/idempotency#")
+}
+
+func TestTxFirstExecutionCommitsWritesAndResponse(t *testing.T) {
+	st := newTxFakeStore()
+	var runs atomic.Int64
+	h := idempotency.New(idempotency.Config{Store: st})(txOrders(&runs))
+
+	first := txDo(h, "k", "book")
+	assert.Equal(t, http.StatusCreated, first.Code)
+	assert.Equal(t, `{"order":1}`, first.Body.String())
+	assert.Equal(t, []string{"book"}, st.committedRows())
+
+	retry := txDo(h, "k", "book")
+	assert.Equal(t, http.StatusCreated, retry.Code)
+	assert.Equal(t, "true", retry.Header().Get(idempotency.ReplayedHeader))
+	assert.Equal(t, first.Body.String(), retry.Body.String())
+	assert.EqualValues(t, 1, st.rolled.Load(), "the replay's transaction is rolled back")
+
+	assert.Equal(t, http.StatusUnprocessableEntity, txDo(h, "k", "pen").Code)
+	assert.EqualValues(t, 1, runs.Load())
+	assert.Equal(t, []string{"book"}, st.committedRows())
+	assert.Empty(t, st.locked, "every transaction ended")
+}
+
+func TestTxBusyKeyIsAConflict(t *testing.T) {
+	st := newTxFakeStore()
+	var runs atomic.Int64
+	h := idempotency.New(idempotency.Config{Store: st, RetryAfter: 3 * time.Second})(txOrders(&runs))
+	st.locked[idempotency.StorageKey("", "k")] = true
+	w := txDo(h, "k", "book")
+	assert.Equal(t, http.StatusConflict, w.Code)
+	assert.Equal(t, "3", w.Header().Get("Retry-After"))
+	assert.Equal(t, idempotency.ProblemInProgress, txProblemType(t, w))
+	assert.Zero(t, runs.Load())
+}
+
+func TestTxWaitModePollsUntilTheKeyIsFree(t *testing.T) {
+	st := newTxFakeStore()
+	var runs atomic.Int64
+	h := idempotency.New(idempotency.Config{Store: st, WaitForInFlight: 2 * time.Second})(txOrders(&runs))
+	skey := idempotency.StorageKey("", "k")
+	st.locked[skey] = true
+	go func() {
+		time.Sleep(50 * time.Millisecond)
+		st.mu.Lock()
+		delete(st.locked, skey)
+		st.mu.Unlock()
+	}()
+	w := txDo(h, "k", "book")
+	assert.Equal(t, http.StatusCreated, w.Code)
+	assert.Greater(t, st.begins.Load(), int64(1), "Begin was polled")
+	assert.EqualValues(t, 1, runs.Load())
+}
+
+func TestTxRollsBack(t *testing.T) {
+	tests := []struct {
+		name       string
+		answer     string
+		wantStatus int
+		wantType   string
+	}{
+		{"server error", "500", http.StatusInternalServerError, ""},
+		{"aborted transaction with a success", "abort", http.StatusInternalServerError, idempotency.ProblemNotCommitted},
+		{"aborted transaction with a client error", "abort-404", http.StatusNotFound, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			st := newTxFakeStore()
+			var runs atomic.Int64
+			h := idempotency.New(idempotency.Config{Store: st})(txOrders(&runs))
+			w := txDo(h, "k", "book", "X-Answer", tt.answer)
+			assert.Equal(t, tt.wantStatus, w.Code)
+			if tt.wantType != "" {
+				assert.Equal(t, tt.wantType, txProblemType(t, w))
+			}
+			assert.Empty(t, st.committedRows(), "nothing committed")
+			assert.EqualValues(t, 1, st.rolled.Load())
+
+			// The retry runs afresh and commits.
+			assert.Equal(t, http.StatusCreated, txDo(h, "k", "book").Code)
+			assert.EqualValues(t, 2, runs.Load())
+			assert.Equal(t, []string{"book"}, st.committedRows())
+		})
+	}
+}
+
+func TestTxPanicRollsBackAndPropagates(t *testing.T) {
+	st := newTxFakeStore()
+	h := idempotency.New(idempotency.Config{Store: st})(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		txFrom(r.Context()).insert("half")
+		panic("boom")
+	}))
+	assert.PanicsWithValue(t, "boom", func() { txDo(h, "k", "x") })
+	assert.EqualValues(t, 1, st.rolled.Load())
+	assert.Empty(t, st.committedRows())
+	assert.Empty(t, st.locked)
+}
+
+func TestTxCommitFailures(t *testing.T) {
+	t.Run("not committed", func(t *testing.T) {
+		st := newTxFakeStore()
+		st.commitHook = func(*txFake) (*idempotency.Record, error) {
+			return nil, errors.Join(idempotency.ErrNotCommitted, errors.New("connection lost during COMMIT"))
+		}
+		var runs atomic.Int64
+		var events []idempotency.Event
+		h := idempotency.New(idempotency.Config{Store: st, Observer: func(e idempotency.Event) { events = append(events, e) }})(txOrders(&runs))
+		w := txDo(h, "k", "book")
+		assert.Equal(t, http.StatusServiceUnavailable, w.Code)
+		assert.Equal(t, idempotency.ProblemNotCommitted, txProblemType(t, w))
+		assert.NotEmpty(t, w.Header().Get("Retry-After"))
+		assert.NotContains(t, w.Body.String(), "connection lost", "internal error text never reaches the client")
+		assert.Empty(t, st.locked)
+		require.NotEmpty(t, events)
+		assert.Equal(t, idempotency.OutcomeNotCommitted, events[len(events)-1].Outcome)
+	})
+	t.Run("completed by another request first", func(t *testing.T) {
+		st := newTxFakeStore()
+		var runs atomic.Int64
+		h := idempotency.New(idempotency.Config{Store: st})(txOrders(&runs))
+		other := txDo(idempotency.New(idempotency.Config{Store: newTxFakeStore()})(txOrders(new(atomic.Int64))), "k", "book")
+		require.Equal(t, http.StatusCreated, other.Code)
+		st.commitHook = func(*txFake) (*idempotency.Record, error) {
+			return &idempotency.Record{State: idempotency.StateCompleted, Response: idempotency.Response{
+				StatusCode: http.StatusCreated, Header: http.Header{"Content-Type": {"application/json"}}, Body: []byte(`{"order":"theirs"}`),
+			}}, nil
+		}
+		w := txDo(h, "k", "book")
+		assert.Equal(t, http.StatusCreated, w.Code)
+		assert.Equal(t, `{"order":"theirs"}`, w.Body.String())
+		assert.Equal(t, "true", w.Header().Get(idempotency.ReplayedHeader))
+		assert.Empty(t, st.committedRows(), "this request's writes were rolled back")
+	})
+}
+
+func TestTxResponseIsHeldUntilCommit(t *testing.T) {
+	st := newTxFakeStore()
+	var flushed, hijackErr error
+	var sawFlush bool
+	rec := httptest.NewRecorder()
+	h := idempotency.New(idempotency.Config{Store: st})(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(http.StatusCreated)
+		_, _ = io.WriteString(w, "part")
+		flushed = http.NewResponseController(w).Flush()
+		sawFlush = rec.Flushed || rec.Code != http.StatusOK || rec.Body.Len() > 0
+		_, _, hijackErr = http.NewResponseController(w).Hijack()
+		_, _ = io.WriteString(w, "-rest")
+	}))
+	req := httptest.NewRequest(http.MethodPost, "/", strings.NewReader("x"))
+	req.Header.Set("Idempotency-Key", "k")
+	h.ServeHTTP(rec, req)
+	assert.NoError(t, flushed, "Flush is a no-op")
+	assert.False(t, sawFlush, "nothing reached the client before the commit")
+	assert.ErrorIs(t, hijackErr, http.ErrNotSupported)
+	assert.Equal(t, http.StatusCreated, rec.Code)
+	assert.Equal(t, "part-rest", rec.Body.String())
+	assert.Equal(t, "9", rec.Header().Get("Content-Length"))
+}
+
+func TestTxOversizeResponseRollsBack(t *testing.T) {
+	st := newTxFakeStore()
+	h := idempotency.New(idempotency.Config{Store: st, MaxResponseSize: 8})(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		txFrom(r.Context()).insert("row")
+		_, _ = io.WriteString(w, "more than eight bytes")
+	}))
+	w := txDo(h, "k", "x")
+	assert.Equal(t, http.StatusInternalServerError, w.Code)
+	assert.Equal(t, idempotency.ProblemNotCommitted, txProblemType(t, w))
+	assert.Empty(t, st.committedRows())
+}
+
+func TestTxBeginFailureIsUnavailable(t *testing.T) {
+	st := newTxFakeStore()
+	st.beginErr = errors.New("pool exhausted")
+	var runs atomic.Int64
+	h := idempotency.New(idempotency.Config{Store: st})(txOrders(&runs))
+	w := txDo(h, "k", "x")
+	assert.Equal(t, http.StatusServiceUnavailable, w.Code)
+	assert.Equal(t, idempotency.ProblemStoreUnavailable, txProblemType(t, w))
+	assert.Zero(t, runs.Load())
+}
+
+func TestTxFailOpenPanics(t *testing.T) {
+	assert.PanicsWithValue(t, "idempotency: FailOpen cannot be used with a transactional store: there would be no transaction for the handler", func() {
+		idempotency.New(idempotency.Config{Store: newTxFakeStore(), FailOpen: true})
+	})
+}
+
+func TestTxNestedInsideALeaseInstancePassesThrough(t *testing.T) {
+	st := newTxFakeStore()
+	var runs atomic.Int64
+	var inTx atomic.Bool
+	inner := idempotency.New(idempotency.Config{Store: st})(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		inTx.Store(txFrom(r.Context()) != nil)
+		txOrders(&runs)(w, r)
+	}))
+	h := idempotency.New(idempotency.Config{})(inner)
+	assert.Equal(t, http.StatusCreated, txDo(h, "k", "book").Code)
+	assert.True(t, txDo(h, "k", "book").Header().Get(idempotency.ReplayedHeader) == "true")
+	assert.Zero(t, st.begins.Load(), "the inner instance passed the claimed request through")
+	assert.False(t, inTx.Load(), "no transaction for a request the outer instance holds")
+	assert.EqualValues(t, 1, runs.Load())
+}
