@@ -21,9 +21,11 @@ import (
 //
 // The level follows the outcome: [OutcomeLeaseLost] (a request may run
 // twice) logs at Error; store errors, a full store and responses that were
-// not stored log at Warn; a missing key logs at Debug, since without
-// RequireKey every keyless request has one; every other outcome logs at
-// Info. Records below the logger's level cost no allocation. The
+// not stored log at Warn; a key missing where it is optional logs at
+// Debug, since every keyless request on such a route has one, while a key
+// missing where RequireKey asks for one (Event.Status 400) logs at Info, as
+// every other outcome does. Records below the logger's level cost no
+// allocation. The
 // storage_key is what an operator passes to Store.Get or Store.Delete.
 //
 // SlogObserver panics if logger is nil.
@@ -32,7 +34,7 @@ func SlogObserver(logger *slog.Logger) func(Event) {
 		panic("idempotency: SlogObserver needs a non-nil logger")
 	}
 	return func(e Event) {
-		level := slogLevel(e.Outcome)
+		level := slogLevel(e)
 		ctx := context.Background()
 		if e.Request != nil {
 			ctx = e.Request.Context()
@@ -67,15 +69,17 @@ func SlogObserver(logger *slog.Logger) func(Event) {
 	}
 }
 
-// slogLevel is the level SlogObserver logs an outcome at.
-func slogLevel(o Outcome) slog.Level {
-	switch o {
+// slogLevel is the level SlogObserver logs an event at.
+func slogLevel(e Event) slog.Level {
+	switch e.Outcome {
 	case OutcomeLeaseLost:
 		return slog.LevelError
-	case OutcomeStoreError, OutcomeStoreFull, OutcomeNotStored, OutcomeNotStoredReplay:
+	case OutcomeStoreError, OutcomeStoreFull, OutcomeNotStored, OutcomeNotStoredReplay, OutcomeNotCommitted:
 		return slog.LevelWarn
 	case OutcomeKeyMissing:
-		return slog.LevelDebug
+		if e.Status == 0 {
+			return slog.LevelDebug // passed through: the route does not require a key
+		}
 	}
 	return slog.LevelInfo
 }

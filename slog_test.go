@@ -148,6 +148,14 @@ func TestSlogObserverOutcomes(t *testing.T) {
 			outcome: "key_missing",
 		},
 		{
+			name:    "key missing and required",
+			cfg:     func(c *idempotency.Config) { c.RequireKey = true },
+			send:    func(h http.Handler) { slogSend(h, "POST", "/orders", "", "a") },
+			level:   "INFO",
+			outcome: "key_missing",
+			status:  400,
+		},
+		{
 			name:    "key invalid",
 			send:    func(h http.Handler) { slogSend(h, "POST", "/orders", slogSecretKey+" x", "a") },
 			level:   "INFO",
@@ -304,6 +312,24 @@ func TestSlogObserverLevelFilter(t *testing.T) {
 		observe(idempotency.Event{Outcome: idempotency.OutcomeReplayed, Request: r, Status: 201})
 	})
 	assert.Zero(t, allocs, "a filtered-out record costs no allocation")
+}
+
+// A RequireKey rejection is visible at the default level; a key merely
+// absent on a route that does not require one is not.
+func TestSlogObserverRequiredKeyAtInfo(t *testing.T) {
+	logger, buf := newSlogLogger(slog.LevelInfo)
+	optional := idempotency.New(idempotency.Config{Observer: idempotency.SlogObserver(logger)})(http.NotFoundHandler())
+	required := idempotency.New(idempotency.Config{RequireKey: true, Observer: idempotency.SlogObserver(logger)})(http.NotFoundHandler())
+
+	assert.Equal(t, http.StatusNotFound, slogSend(optional, "POST", "/orders", "", "a"))
+	assert.Empty(t, buf.String(), "an optional key's absence stays at Debug")
+
+	assert.Equal(t, http.StatusBadRequest, slogSend(required, "POST", "/orders", "", "a"))
+	lines := buf.lines(t)
+	require.Len(t, lines, 1)
+	assert.Equal(t, "INFO", lines[0]["level"])
+	assert.Equal(t, "key_missing", lines[0]["outcome"])
+	assert.Equal(t, float64(http.StatusBadRequest), lines[0]["status"])
 }
 
 func TestSlogObserverWithoutRequest(t *testing.T) {

@@ -18,7 +18,12 @@
 // A request is sent again, up to MaxAttempts in all, after:
 //
 //   - a network error (the request may or may not have reached the server;
-//     the key makes the retry safe either way);
+//     the key makes the retry safe either way), the transport's own
+//     timeouts included: a dial timeout, [http.Transport]'s
+//     ResponseHeaderTimeout or TLSHandshakeTimeout. A handler slower than
+//     ResponseHeaderTimeout is still running when the retry arrives; the
+//     retry gets the middleware's 409 and waits, and a later one gets the
+//     stored response, so the handler runs once;
 //   - the middleware's own 409 Conflict, "a request with this key is in
 //     progress", recognised by the type of its problem details (never a 409
 //     that the handler wrote);
@@ -27,10 +32,24 @@
 // Every other response, notably 400, 422 and 500, is returned at once: a
 // 500 was produced by the handler and a retry would run it again.
 //
-// A request whose body cannot be replayed (a non-empty Body with a nil
+// Only the caller's own context ending (its cancellation, its deadline,
+// [http.Client.Timeout]) is final: a request whose context is done is not
+// sent again, and the waits between attempts end with the context. A
+// request whose body cannot be replayed (a non-empty Body with a nil
 // GetBody; [http.NewRequest] sets GetBody for the usual readers) is sent
-// once and never retried. Nor is a request whose context is done: the
-// waits between attempts end with the context.
+// once and never retried.
+//
+// # Giving up
+//
+// When the transport returns no response, its error is an [*Error] that
+// carries the key every attempt was sent with (http.Client wraps it in a
+// [*net/url.Error]; find it with [errors.As]). The request may have run on the
+// server. An application that retries it later, from a queue or after a
+// restart, sends it with the same key and gets the stored response
+// instead of a second execution. The one exception is [http.Client.Timeout]:
+// net/http then replaces the transport's error with its own, so the key is
+// lost; give the request a context deadline instead, which has the same
+// effect, or set the key yourself (see [NewKey]).
 //
 // # Waiting
 //
@@ -167,13 +186,16 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		if attempt > 1 && req.GetBody != nil {
 			body, err := req.GetBody()
 			if err != nil {
-				return nil, fmt.Errorf("client: replaying the request body: %w", err)
+				return nil, &Error{Key: key, Attempts: attempt - 1, Err: fmt.Errorf("replaying the request body: %w", err)}
 			}
 			try.Body = body
 		}
 
 		resp, err := t.base().RoundTrip(try)
-		if attempt >= maxAttempts || !t.retryable(resp, err) {
+		if err != nil {
+			err = &Error{Key: key, Attempts: attempt, Err: err}
+		}
+		if attempt >= maxAttempts || !t.retryable(ctx, resp, err) {
 			return resp, err
 		}
 		wait, ok := t.wait(ctx, attempt, resp)
@@ -184,10 +206,35 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 			discard(resp.Body)
 		}
 		if serr := t.sleepFunc()(ctx, wait); serr != nil {
-			return nil, fmt.Errorf("client: retry after attempt %d abandoned: %w", attempt, serr)
+			return nil, &Error{Key: key, Attempts: attempt, Err: fmt.Errorf("retry abandoned: %w", serr)}
 		}
 	}
 }
+
+// Error is the error [Transport.RoundTrip] returns for a covered request
+// that got no response: every attempt failed, the caller's context ended,
+// or the body could not be sent again. The request may have run on the
+// server; Key is what lets the application find out safely, by sending it
+// again later with the same key.
+type Error struct {
+	// Key is the idempotency key that every attempt carried: the caller's
+	// own, or the one the transport generated.
+	Key string
+	// Attempts is how many attempts were sent.
+	Attempts int
+	// Err is the last attempt's error, or why no further attempt was made.
+	Err error
+}
+
+// Error returns the cause with the number of attempts. It leaves the key
+// out, since error text tends to end up in logs.
+func (e *Error) Error() string {
+	return fmt.Sprintf("client: no response after %d attempt(s): %v", e.Attempts, e.Err)
+}
+
+// Unwrap returns the cause, so errors.Is sees context.Canceled and the
+// others through it.
+func (e *Error) Unwrap() error { return e.Err }
 
 // CloseIdleConnections closes the idle connections of Base, when Base has
 // such a method, so that [http.Client.CloseIdleConnections] reaches it.
@@ -218,13 +265,14 @@ func (t *Transport) base() http.RoundTripper {
 }
 
 // retryable reports whether the outcome of an attempt is worth another.
-func (t *Transport) retryable(resp *http.Response, err error) bool {
+func (t *Transport) retryable(ctx context.Context, resp *http.Response, err error) bool {
 	if err != nil {
-		// The request's context ending is final; a certificate that does
+		// The caller's context ending is final, but not a timeout of the
+		// transport's own (a dial timeout, ResponseHeaderTimeout), which
+		// also reports context.DeadlineExceeded. A certificate that does
 		// not verify will not verify next time either.
 		var certErr *tls.CertificateVerificationError
-		return !errors.Is(err, context.Canceled) && !errors.Is(err, context.DeadlineExceeded) &&
-			!errors.As(err, &certErr)
+		return ctx.Err() == nil && !errors.As(err, &certErr)
 	}
 	switch resp.StatusCode {
 	case http.StatusBadGateway, http.StatusServiceUnavailable, http.StatusGatewayTimeout:

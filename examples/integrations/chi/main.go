@@ -53,33 +53,15 @@ func newRouter(store idempotency.Store) http.Handler {
 
 	r.Group(func(r chi.Router) {
 		// Money moves here: refuse requests that could not be retried
-		// safely.
-		r.Use(requireKey)
+		// safely. The group's own instance, on the same store, lets
+		// through the requests the router-wide one has claimed and
+		// answers 400 to those without a key.
+		r.Use(idempotency.New(idempotency.Config{Store: store, RequireKey: true}))
 		r.Post("/payments", func(w http.ResponseWriter, r *http.Request) {
 			writeCreated(w, fmt.Sprintf("/payments/%d", payments.Add(1)))
 		})
 	})
 	return r
-}
-
-// requireKey refuses, with the middleware's own 400 problem, a request that
-// reached it without an idempotency key. It sits inside the idempotency
-// middleware installed on the whole router, which has already claimed the
-// key of every request that has one: a second idempotency middleware on the
-// group would see that claim and answer 409.
-func requireKey(next http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if _, ok := idempotency.KeyFromContext(r.Context()); !ok {
-			idempotency.WriteProblem(w, r, &idempotency.Problem{
-				Type:   "https://github.com/f8e778d0/idempotency#" + idempotency.ProblemKeyRequired,
-				Title:  "Idempotency key required",
-				Status: http.StatusBadRequest,
-				Detail: "Idempotency-Key" + " header is required",
-			})
-			return
-		}
-		next.ServeHTTP(w, r)
-	})
 }
 
 // writeCreated answers 201 for a new resource at location.
