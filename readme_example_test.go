@@ -189,7 +189,7 @@ func Example_readmeConformance() {
 	_ = testMyStore
 }
 
-// The nesting of docs/routers.md: a router-wide instance with optional
+// The nesting of docs/frameworks.md: a router-wide instance with optional
 // keys and a route with an instance of its own that requires them. It is
 // compiled, not run here.
 func Example_readmeNested() {
@@ -228,7 +228,7 @@ func Example_readmeSlog() {
 }
 
 // The README's client: an http.Client whose POSTs carry a key and are
-// retried with it. The handler runs once.
+// retried with it, bounded by the caller's context. The handler runs once.
 func Example_readmeClient() {
 	var executions atomic.Int32
 	orders := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -239,12 +239,18 @@ func Example_readmeClient() {
 	defer srv.Close()
 	url, body := srv.URL+"/orders", `{"item":"book"}`
 
-	c := &http.Client{
-		Transport: &client.Transport{}, // 4 attempts, 250ms to 10s backoff
-		Timeout:   30 * time.Second,    // bounds all attempts and waits together
-	}
-	resp, err := c.Post(url, "application/json", strings.NewReader(body))
+	ctx := context.Background()
+
+	c := &http.Client{Transport: &client.Transport{}} // 4 attempts, 250ms to 10s backoff
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, url, strings.NewReader(body))
+	resp, err := c.Do(req)
 	if err != nil {
+		var e *client.Error
+		if errors.As(err, &e) {
+			log.Fatalf("no answer; send it again later with key %s", e.Key)
+		}
 		log.Fatal(err)
 	}
 	resp.Body.Close()
