@@ -50,9 +50,11 @@ type TxStore interface {
 	// handler should run in it; the transaction and the live completed
 	// record when the request is answered from that record (the
 	// middleware rolls the transaction back after answering);
-	// [ErrKeyBusy] when another transaction holds the key; any other
-	// error when the store cannot serve the request (503). ctx bounds the
-	// call (Config.StoreTimeout).
+	// [ErrKeyBusy] when another transaction holds the key, with the
+	// transaction, if one was begun, for the middleware to roll back after
+	// answering 409; any other error when the store cannot serve the
+	// request (503), with a transaction to roll back if one was begun.
+	// ctx bounds the call (Config.StoreTimeout).
 	Begin(ctx context.Context, key string) (StoreTx, *Record, error)
 }
 
@@ -87,7 +89,8 @@ func (h *handler) serveTx(w http.ResponseWriter, r *http.Request, ts TxStore, sk
 	tx, rec, err := ts.Begin(ctx, skey)
 	cancel()
 	if errors.Is(err, ErrKeyBusy) && s.wait > 0 {
-		tx, rec, err = s.awaitTx(r.Context(), ts, skey)
+		s.rollback(r, tx)
+		tx, rec, err = s.awaitTx(r, ts, skey)
 	}
 	if err == nil && rec != nil {
 		err = checkRecord(rec)
@@ -95,11 +98,10 @@ func (h *handler) serveTx(w http.ResponseWriter, r *http.Request, ts TxStore, sk
 	switch {
 	case errors.Is(err, ErrKeyBusy):
 		s.conflict(w, r, skey, &Record{})
+		s.rollback(r, tx)
 	case err != nil:
-		if tx != nil {
-			s.rollback(r, tx)
-		}
 		h.claimFailed(w, r, skey, key, err)
+		s.rollback(r, tx)
 	case rec != nil:
 		s.replay(w, r, skey, rec)
 		s.rollback(r, tx)
@@ -109,9 +111,11 @@ func (h *handler) serveTx(w http.ResponseWriter, r *http.Request, ts TxStore, sk
 }
 
 // awaitTx polls Begin with backoff while the key is busy, for at most
-// Config.WaitForInFlight and never past ctx. Each attempt takes a
-// connection anew: a waiting request holds none.
-func (s *settings) awaitTx(ctx context.Context, ts TxStore, skey string) (StoreTx, *Record, error) {
+// Config.WaitForInFlight and never past the request's end. Each attempt
+// takes a connection anew and a busy one is rolled back at once: a waiting
+// request holds none.
+func (s *settings) awaitTx(r *http.Request, ts TxStore, skey string) (StoreTx, *Record, error) {
+	ctx := r.Context()
 	deadline := time.Now().Add(s.wait)
 	poll := waitFirstPoll
 	for {
@@ -133,6 +137,7 @@ func (s *settings) awaitTx(ctx context.Context, ts TxStore, skey string) (StoreT
 		if !errors.Is(err, ErrKeyBusy) {
 			return tx, rec, err
 		}
+		s.rollback(r, tx)
 	}
 }
 
@@ -223,8 +228,12 @@ func (s *settings) fingerprintsMatch(got, want []byte) bool {
 	return len(got) == 0 || len(want) == 0 || bytes.Equal(got, want)
 }
 
-// rollback rolls tx back on a context that outlives the request.
+// rollback rolls tx back, if there is one, on a context that outlives
+// the request.
 func (s *settings) rollback(r *http.Request, tx StoreTx) {
+	if tx == nil {
+		return
+	}
 	ctx, cancel := s.detachedContext(r.Context(), s.storeTimeout)
 	defer cancel()
 	if err := tx.Rollback(ctx); err != nil {

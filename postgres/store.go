@@ -45,6 +45,12 @@ type Store struct {
 	index string // quoted name of the index on expires_at
 
 	claimSQL, extendSQL, completeSQL, releaseSQL, getSQL, deleteSQL, sweepSQL string
+
+	// The one-transaction mode (tx.go).
+	tx                     bool
+	txOptions              pgx.TxOptions
+	maxTx                  time.Duration
+	takeOverSQL, insertSQL string
 }
 
 var _ idempotency.Store = (*Store)(nil)
@@ -53,7 +59,10 @@ var _ idempotency.Store = (*Store)(nil)
 type Option func(*options)
 
 type options struct {
-	table string
+	table     string
+	tx        bool
+	txOptions pgx.TxOptions
+	maxTx     time.Duration
 }
 
 // WithTable sets the table that holds the records: a name, or a schema and
@@ -70,12 +79,13 @@ func WithTable(name string) Option {
 // NewStore returns a store that keeps its records in a table reached
 // through pool. It does no I/O: create the table with [Store.Migrate] or
 // with the DDL of [Store.Schema] before the first request. It panics if
-// pool is nil or the table name is invalid.
+// pool is nil, the table name is invalid or the maximum transaction
+// duration is not positive.
 func NewStore(pool *pgxpool.Pool, opts ...Option) *Store {
 	if pool == nil {
 		panic("postgres: NewStore needs a non-nil pool")
 	}
-	o := options{table: DefaultTable}
+	o := options{table: DefaultTable, maxTx: DefaultMaxTxDuration}
 	for _, opt := range opts {
 		opt(&o)
 	}
@@ -83,7 +93,11 @@ func NewStore(pool *pgxpool.Pool, opts ...Option) *Store {
 	if err != nil {
 		panic("postgres: " + err.Error())
 	}
-	s := &Store{pool: pool, table: table, name: o.table, index: index}
+	if o.maxTx <= 0 {
+		panic(fmt.Sprintf("postgres: WithMaxTxDuration(%v): the duration must be positive", o.maxTx))
+	}
+	s := &Store{pool: pool, table: table, name: o.table, index: index,
+		tx: o.tx, txOptions: o.txOptions, maxTx: o.maxTx}
 	s.buildSQL()
 	return s
 }
@@ -185,6 +199,8 @@ func (s *Store) buildSQL() {
 	s.getSQL = r.Replace(getSQL)
 	s.deleteSQL = r.Replace(deleteSQL)
 	s.sweepSQL = r.Replace(sweepSQL)
+	s.takeOverSQL = r.Replace(takeOverSQL)
+	s.insertSQL = r.Replace(insertSQL)
 }
 
 // Claim implements [idempotency.Store.Claim] with one statement; it sends

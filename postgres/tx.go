@@ -1,0 +1,291 @@
+package postgres
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/f8e778d0/idempotency"
+)
+
+// DefaultMaxTxDuration is how long a request's transaction may last in the
+// one-transaction mode when [WithMaxTxDuration] is not given.
+const DefaultMaxTxDuration = time.Minute
+
+// ErrManagedTx is returned by Commit and Rollback of the transaction that
+// [Tx] returns: the middleware ends it, with the response.
+var ErrManagedTx = errors.New("postgres: the middleware commits or rolls back this transaction")
+
+// Transactional makes the store run every covered request with a key in a
+// transaction of its own, the one-transaction mode: the handler's writes,
+// made through [Tx], and the stored response commit together or not at
+// all. See the package documentation.
+func Transactional() Option {
+	return func(o *options) { o.tx = true }
+}
+
+// WithTxOptions sets the options of the transactions of [Transactional]:
+// the isolation level (READ COMMITTED by default), the access mode and the
+// deferrable mode.
+func WithTxOptions(opts pgx.TxOptions) Option {
+	return func(o *options) { o.txOptions = opts }
+}
+
+// WithMaxTxDuration bounds a transaction of [Transactional], from its
+// begin to its commit: the handler's context ends at that deadline, even
+// when the client hangs up earlier, and a handler that returns after it
+// has its transaction rolled back (503). The default is
+// [DefaultMaxTxDuration]. NewStore panics if d is not positive.
+func WithMaxTxDuration(d time.Duration) Option {
+	return func(o *options) { o.maxTx = d }
+}
+
+// Transactional reports whether s was built with [Transactional]. It makes
+// Store an [idempotency.TxStore].
+func (s *Store) Transactional() bool { return s.tx }
+
+var _ idempotency.TxStore = (*Store)(nil)
+
+// The statements of the one-transaction mode, with TABLE standing for the
+// quoted table name.
+const (
+	// lockSQL takes the advisory lock $1 for the rest of the transaction,
+	// or reports that another transaction holds it.
+	lockSQL = `SELECT pg_try_advisory_xact_lock($1)`
+
+	// takeOverSQL deletes $1 if it has expired, so that insertSQL can
+	// insert it.
+	takeOverSQL = `DELETE FROM TABLE WHERE key = $1 AND expires_at <= clock_timestamp()`
+
+	// insertSQL stores the completed record of $1: status $2, header $3,
+	// body $4, fingerprint $5 and not-stored reason $6, kept for $7
+	// microseconds. A live row under $1 makes it fail with a unique
+	// violation, which aborts the transaction. The row is completed when
+	// it becomes visible, and no lease names it: its token is "tx".
+	insertSQL = `INSERT INTO TABLE (key, version, token, state, status, header, body, fingerprint, not_stored, expires_at)
+VALUES ($1, 1, 'tx', 2, $2, $3, $4, $5, $6, clock_timestamp() + $7::bigint * interval '1 microsecond')`
+)
+
+// lockKey returns the advisory lock that stands for key in s's table.
+func (s *Store) lockKey(key string) int64 {
+	sum := sha256.Sum256([]byte(s.name + "\x00" + key))
+	return int64(binary.BigEndian.Uint64(sum[:8]))
+}
+
+// Begin implements [idempotency.TxStore.Begin]. It takes a connection from
+// the pool, then sends in one round trip the BEGIN, a try-lock of the
+// advisory lock that stands for key, and, as a statement of its own after
+// the lock, the look-up of key's record. A record still in flight under a
+// lease (a store on the same table without Transactional) is reported as
+// busy.
+func (s *Store) Begin(ctx context.Context, key string) (idempotency.StoreTx, *idempotency.Record, error) {
+	if !s.tx {
+		return nil, nil, errors.New("postgres: Begin needs a store built with Transactional")
+	}
+	if err := checkText("key", key); err != nil {
+		return nil, nil, err
+	}
+	conn, err := s.pool.Acquire(ctx)
+	if err != nil {
+		return nil, nil, fmt.Errorf("postgres: begin: no connection free in the pool in time: %w", err)
+	}
+	b := &pgx.Batch{}
+	b.BeginTx(s.txOptions)
+	b.Queue(lockSQL, s.lockKey(key))
+	b.Queue(s.getSQL, key)
+	br := conn.SendBatch(ctx, b)
+	t := &txn{conn: conn, tx: br.Tx(), deadline: time.Now().Add(s.maxTx), store: s, key: key}
+
+	var locked, found bool
+	var row recordRow
+	_, err = br.Exec()
+	if err == nil {
+		err = br.QueryRow().Scan(&locked)
+	}
+	if err == nil {
+		err = br.QueryRow().Scan(&row.version, &row.token, &row.state, &row.status,
+			&row.header, &row.body, &row.fingerprint, &row.notStored, &row.remaining)
+		found = err == nil
+		if errors.Is(err, pgx.ErrNoRows) {
+			err = nil
+		}
+	}
+	if cerr := br.Close(); err == nil {
+		err = cerr
+	}
+	switch {
+	case err != nil:
+		return t, nil, fmt.Errorf("postgres: begin: %w", err)
+	case !locked:
+		return t, nil, idempotency.ErrKeyBusy
+	case !found:
+		return t, nil, nil
+	}
+	rec, err := row.record()
+	switch {
+	case err != nil:
+		return t, nil, err
+	case rec.State == idempotency.StateInFlight:
+		return t, nil, idempotency.ErrKeyBusy
+	}
+	return t, rec, nil
+}
+
+// txn is a request's transaction: an [idempotency.StoreTx].
+type txn struct {
+	conn     *pgxpool.Conn // nil once given back
+	tx       pgx.Tx
+	deadline time.Time
+	cancel   context.CancelFunc // of the handler's context, once made
+	store    *Store
+	key      string
+}
+
+// txKey is the context key under which a txn's handlerTx travels.
+type txKey struct{}
+
+// Context implements [idempotency.StoreTx.Context]: the handler's context
+// carries the transaction for [Tx], and it does not end when ctx is
+// cancelled (the client hanging up), only at the transaction's deadline.
+func (t *txn) Context(ctx context.Context) context.Context {
+	ctx, t.cancel = context.WithDeadline(context.WithoutCancel(ctx), t.deadline)
+	return context.WithValue(ctx, txKey{}, handlerTx{t.tx})
+}
+
+// Aborted implements [idempotency.StoreTx.Aborted]: a statement failed, the
+// connection broke, or the transaction was ended by hand (a raw COMMIT).
+func (t *txn) Aborted() bool {
+	pc := t.conn.Conn().PgConn()
+	return pc.IsClosed() || pc.TxStatus() != 'T'
+}
+
+// Commit implements [idempotency.StoreTx.Commit]. It sends in one round
+// trip the removal of an expired row under the key, the insert of rec and
+// COMMIT. A live row under the key fails the insert, which aborts the
+// transaction: Commit then rolls back and returns that row.
+func (t *txn) Commit(ctx context.Context, rec *idempotency.Record, ttl time.Duration) (*idempotency.Record, error) {
+	if t.conn == nil {
+		return nil, fmt.Errorf("%w: the transaction has ended", idempotency.ErrNotCommitted)
+	}
+	if time.Now().After(t.deadline) {
+		return nil, fmt.Errorf("%w: the transaction ran past its maximum duration of %v",
+			idempotency.ErrNotCommitted, t.store.maxTx)
+	}
+	resp := &rec.Response
+	if resp.StatusCode < 0 || resp.StatusCode > 999 {
+		return nil, fmt.Errorf("%w: status code %d out of range", idempotency.ErrNotCommitted, resp.StatusCode)
+	}
+	var notStored *string
+	if resp.NotStored != "" {
+		if err := checkText("not-stored reason", resp.NotStored); err != nil {
+			return nil, fmt.Errorf("%w: %w", idempotency.ErrNotCommitted, err)
+		}
+		notStored = &resp.NotStored
+	}
+	s := t.store
+	b := &pgx.Batch{}
+	b.Queue(s.takeOverSQL, t.key)
+	b.Queue(s.insertSQL, t.key, int32(resp.StatusCode), encodeHeader(resp.Header),
+		resp.Body, rec.Fingerprint, notStored, micros(ttl))
+	b.Queue("COMMIT")
+	br := t.conn.SendBatch(ctx, b)
+	_, err := br.Exec()
+	if err == nil {
+		_, err = br.Exec()
+	}
+	var tag pgconn.CommandTag
+	if err == nil {
+		tag, err = br.Exec()
+	}
+	if cerr := br.Close(); err == nil {
+		err = cerr
+	}
+
+	var pgErr *pgconn.PgError
+	switch {
+	case err == nil && tag.String() == "COMMIT":
+		t.release()
+		return nil, nil
+	case err == nil:
+		// The transaction was aborted before the batch: COMMIT rolled it
+		// back.
+		t.release()
+		return nil, fmt.Errorf("%w: COMMIT answered %q", idempotency.ErrNotCommitted, tag.String())
+	case errors.As(err, &pgErr) && pgErr.Code == "23505":
+		// Another transaction completed the key first, under a snapshot
+		// that hid its row from Begin.
+		return t.liveRecord(ctx)
+	case errors.As(err, &pgErr) && (pgErr.Code == "40001" || pgErr.Code == "40P01"):
+		return nil, fmt.Errorf("%w: rolled back by the database: %w", idempotency.ErrNotCommitted, err)
+	case errors.As(err, &pgErr):
+		return nil, fmt.Errorf("%w: %w", idempotency.ErrNotCommitted, err)
+	}
+	return nil, fmt.Errorf("%w: COMMIT sent, outcome unknown: %w", idempotency.ErrNotCommitted, err)
+}
+
+// liveRecord rolls t back and returns the live record under its key.
+func (t *txn) liveRecord(ctx context.Context) (*idempotency.Record, error) {
+	if err := t.tx.Rollback(ctx); err != nil {
+		return nil, fmt.Errorf("%w: rollback after a unique violation: %w", idempotency.ErrNotCommitted, err)
+	}
+	var row recordRow
+	err := t.conn.QueryRow(ctx, t.store.getSQL, t.key).Scan(&row.version, &row.token, &row.state,
+		&row.status, &row.header, &row.body, &row.fingerprint, &row.notStored, &row.remaining)
+	t.release()
+	if err != nil {
+		// pgx.ErrNoRows: the row expired in between.
+		return nil, fmt.Errorf("%w: reading the record another request stored: %w", idempotency.ErrNotCommitted, err)
+	}
+	return row.record()
+}
+
+// Rollback implements [idempotency.StoreTx.Rollback]. On a broken
+// connection there is nothing to roll back: the server did when it lost
+// the connection.
+func (t *txn) Rollback(ctx context.Context) error {
+	if t.conn == nil {
+		return nil
+	}
+	defer t.release()
+	if t.conn.Conn().PgConn().IsClosed() {
+		return nil
+	}
+	if err := t.tx.Rollback(ctx); err != nil && !errors.Is(err, pgx.ErrTxClosed) {
+		return fmt.Errorf("postgres: rollback: %w", err)
+	}
+	return nil
+}
+
+// release gives t's connection back to the pool, which closes it if it is
+// still in a transaction, and ends the handler's context.
+func (t *txn) release() {
+	if t.cancel != nil {
+		t.cancel()
+	}
+	t.conn.Release()
+	t.conn = nil
+}
+
+// Tx returns the transaction of the request whose context is ctx, in the
+// one-transaction mode ([Transactional]); nil outside it. The handler's
+// statements made through it commit with the stored response, or not at
+// all. Its Commit and Rollback return [ErrManagedTx]; its Begin starts a
+// savepoint, which the handler may release or roll back.
+func Tx(ctx context.Context) pgx.Tx {
+	tx, _ := ctx.Value(txKey{}).(pgx.Tx)
+	return tx
+}
+
+// handlerTx is the transaction as the handler sees it: the middleware's
+// own, which the handler may not end.
+type handlerTx struct{ pgx.Tx }
+
+func (handlerTx) Commit(context.Context) error   { return ErrManagedTx }
+func (handlerTx) Rollback(context.Context) error { return ErrManagedTx }
