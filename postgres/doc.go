@@ -25,9 +25,33 @@
 //
 // As with every lease store, a process that crashes after its handler's
 // side effect and before the completion leaves the key to expire after
-// LockTTL, and a retry then runs the handler again. A one-transaction mode,
-// where the handler's writes and the stored response commit together, is
-// planned.
+// LockTTL, and a retry then runs the handler again.
+//
+// # One transaction
+//
+// With [Transactional], each covered request with a key runs in a
+// transaction of its own instead of under a lease: the handler makes its
+// writes through [Tx], and they commit together with the stored response,
+// or not at all.
+//
+//	store := postgres.NewStore(pool, postgres.Transactional())
+//	...
+//	tx := postgres.Tx(r.Context())
+//	_, err := tx.Exec(r.Context(), `INSERT INTO orders ...`, ...)
+//
+// The middleware begins the transaction and takes the key with a
+// transaction-scoped advisory lock (busy is 409; WaitForInFlight polls it),
+// then looks for the key's record in one round trip; it replays a record
+// it finds, or runs the handler with its response held in memory, then
+// inserts the record and commits in a second round trip, and sends the
+// response only once COMMIT succeeded. A 5xx answer, a panic, a failed
+// statement or a lost connection rolls everything back, and the retry runs
+// afresh; a crash before COMMIT frees the key at once, since the lock ends
+// with the connection. The handler's context is not cancelled when the
+// client hangs up, only at the transaction's deadline
+// ([WithMaxTxDuration]), so that work the retry should find is committed.
+// Each request in flight holds one pooled connection while its handler
+// runs.
 //
 // # Schema
 //
