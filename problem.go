@@ -16,7 +16,7 @@ const (
 	ProblemInProgress       = "request-in-progress" // 409: the same key is still being processed
 	ProblemKeyReused        = "key-reused"          // 422: the key was used for a different request
 	ProblemStoreUnavailable = "store-unavailable"   // 503: the store cannot be reached or read
-	ProblemStoreFull        = "store-full"          // 503: the memory store is at its entry cap
+	ProblemStoreFull        = "store-full"          // 503: the memory store is at its entry or byte cap
 	ProblemNotStored        = "response-not-stored" // 500: the original response was not kept
 	ProblemNotCommitted     = "not-committed"       // 503 (or 500): a transactional store did not commit the request
 )
