@@ -32,6 +32,10 @@ type txFakeStore struct {
 	begins   atomic.Int64
 	rolled   atomic.Int64
 	beginErr error
+	// busyRolled counts the rollbacks of transactions that found their key
+	// busy; onBusyRollback, when set, runs at each.
+	busyRolled     atomic.Int64
+	onBusyRollback func()
 	// commitHook, when set, decides a commit's outcome instead of the store.
 	commitHook func(tx *txFake) (*idempotency.Record, error)
 }
@@ -50,7 +54,7 @@ func (s *txFakeStore) Begin(ctx context.Context, key string) (idempotency.StoreT
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.locked[key] {
-		return nil, nil, idempotency.ErrKeyBusy
+		return &txFake{s: s, key: key, busy: true}, nil, idempotency.ErrKeyBusy
 	}
 	s.locked[key] = true
 	return &txFake{s: s, key: key}, s.records[key], nil
@@ -70,6 +74,7 @@ type txFake struct {
 	rows    []string
 	aborted bool
 	ended   bool
+	busy    bool // began, but found the key locked: holds nothing
 }
 
 type txCtxKey struct{}
@@ -109,6 +114,13 @@ func (tx *txFake) Commit(_ context.Context, rec *idempotency.Record, _ time.Dura
 }
 
 func (tx *txFake) Rollback(context.Context) error {
+	if tx.busy {
+		tx.s.busyRolled.Add(1)
+		if tx.s.onBusyRollback != nil {
+			tx.s.onBusyRollback()
+		}
+		return nil
+	}
 	tx.mu.Lock()
 	ended := tx.ended
 	tx.mu.Unlock()
@@ -211,11 +223,18 @@ func TestTxBusyKeyIsAConflict(t *testing.T) {
 	var runs atomic.Int64
 	h := idempotency.New(idempotency.Config{Store: st, RetryAfter: 3 * time.Second})(txOrders(&runs))
 	st.locked[idempotency.StorageKey("", "k")] = true
-	w := txDo(h, "k", "book")
+	req := httptest.NewRequest(http.MethodPost, "/orders", strings.NewReader("book"))
+	req.Header.Set("Idempotency-Key", "k")
+	w := httptest.NewRecorder()
+	answered := false
+	st.onBusyRollback = func() { answered = w.Body.Len() > 0 }
+	h.ServeHTTP(w, req)
 	assert.Equal(t, http.StatusConflict, w.Code)
 	assert.Equal(t, "3", w.Header().Get("Retry-After"))
 	assert.Equal(t, idempotency.ProblemInProgress, txProblemType(t, w))
 	assert.Zero(t, runs.Load())
+	assert.EqualValues(t, 1, st.busyRolled.Load(), "the busy transaction is rolled back")
+	assert.True(t, answered, "the rollback is sent after the 409 was written")
 }
 
 func TestTxWaitModePollsUntilTheKeyIsFree(t *testing.T) {
@@ -233,6 +252,7 @@ func TestTxWaitModePollsUntilTheKeyIsFree(t *testing.T) {
 	w := txDo(h, "k", "book")
 	assert.Equal(t, http.StatusCreated, w.Code)
 	assert.Greater(t, st.begins.Load(), int64(1), "Begin was polled")
+	assert.Equal(t, st.begins.Load()-1, st.busyRolled.Load(), "each busy attempt was rolled back before the next")
 	assert.EqualValues(t, 1, runs.Load())
 }
 
