@@ -25,6 +25,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
@@ -44,6 +45,9 @@ func main() {
 	}
 }
 
+// tableName is what the -table and -orders-table flags accept.
+var tableName = regexp.MustCompile(`^([a-z_][a-z0-9_]{0,62}\.)?[a-z_][a-z0-9_]{0,47}$`)
+
 // run parses args, connects, creates the tables if they are missing, then
 // serves until interrupted or, with -demo, runs the scripted session.
 func run(ctx context.Context, args []string, out io.Writer) error {
@@ -61,6 +65,11 @@ func run(ctx context.Context, args []string, out io.Writer) error {
 	}
 	if *dsn == "" {
 		return errors.New("-dsn is required, such as -dsn 'postgres://user@127.0.0.1:5432/db?sslmode=disable'")
+	}
+	for _, name := range []string{*keys, *orders} {
+		if !tableName.MatchString(name) {
+			return fmt.Errorf("table name %q: use lower-case letters, digits and underscores, at most 48 bytes, optionally after a schema and a dot", name)
+		}
 	}
 
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
