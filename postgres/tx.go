@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -146,6 +147,9 @@ type txn struct {
 	cancel   context.CancelFunc // of the handler's context, once made
 	store    *Store
 	key      string
+
+	mu      sync.Mutex
+	retried error // the first serialisation failure or deadlock a handler's statement met
 }
 
 // txKey is the context key under which a txn's handlerTx travels.
@@ -156,12 +160,46 @@ type txKey struct{}
 // cancelled (the client hanging up), only at the transaction's deadline.
 func (t *txn) Context(ctx context.Context) context.Context {
 	ctx, t.cancel = context.WithDeadline(context.WithoutCancel(ctx), t.deadline)
-	return context.WithValue(ctx, txKey{}, handlerTx{t.tx})
+	return context.WithValue(ctx, txKey{}, handlerTx{Tx: t.tx, t: t, managed: true})
+}
+
+// note keeps err if it is the first serialisation failure or deadlock of
+// t's statements, and returns it.
+func (t *txn) note(err error) error {
+	if retryable(err) {
+		t.mu.Lock()
+		if t.retried == nil {
+			t.retried = err
+		}
+		t.mu.Unlock()
+	}
+	return err
+}
+
+// retryable reports whether err is a serialisation failure or a deadlock:
+// the server rolled the transaction back, and the request may be retried.
+func retryable(err error) bool {
+	var pgErr *pgconn.PgError
+	return errors.As(err, &pgErr) && (pgErr.Code == "40001" || pgErr.Code == "40P01")
 }
 
 // Aborted implements [idempotency.StoreTx.Aborted]: a statement failed, the
 // connection broke, or the transaction was ended by hand (a raw COMMIT).
+// A transaction that a serialisation failure or a deadlock aborted, or
+// that ran past its deadline, is not reported: Commit refuses it with
+// ErrNotCommitted, so that the client gets 503 and retries.
 func (t *txn) Aborted() bool {
+	t.mu.Lock()
+	retried := t.retried
+	t.mu.Unlock()
+	if retried != nil || !time.Now().Before(t.deadline) {
+		return false
+	}
+	return t.broken()
+}
+
+// broken reports whether t can no longer commit.
+func (t *txn) broken() bool {
 	pc := t.conn.Conn().PgConn()
 	return pc.IsClosed() || pc.TxStatus() != 'T'
 }
@@ -174,9 +212,15 @@ func (t *txn) Commit(ctx context.Context, rec *idempotency.Record, ttl time.Dura
 	if t.conn == nil {
 		return nil, fmt.Errorf("%w: the transaction has ended", idempotency.ErrNotCommitted)
 	}
-	if time.Now().After(t.deadline) {
+	if !time.Now().Before(t.deadline) {
 		return nil, fmt.Errorf("%w: the transaction ran past its maximum duration of %v",
 			idempotency.ErrNotCommitted, t.store.maxTx)
+	}
+	t.mu.Lock()
+	retried := t.retried
+	t.mu.Unlock()
+	if retried != nil && t.broken() {
+		return nil, fmt.Errorf("%w: rolled back by the database: %w", idempotency.ErrNotCommitted, retried)
 	}
 	resp := &rec.Response
 	if resp.StatusCode < 0 || resp.StatusCode > 999 {
@@ -222,7 +266,7 @@ func (t *txn) Commit(ctx context.Context, rec *idempotency.Record, ttl time.Dura
 		// Another transaction completed the key first, under a snapshot
 		// that hid its row from Begin.
 		return t.liveRecord(ctx)
-	case errors.As(err, &pgErr) && (pgErr.Code == "40001" || pgErr.Code == "40P01"):
+	case retryable(err):
 		return nil, fmt.Errorf("%w: rolled back by the database: %w", idempotency.ErrNotCommitted, err)
 	case errors.As(err, &pgErr):
 		return nil, fmt.Errorf("%w: %w", idempotency.ErrNotCommitted, err)
@@ -277,15 +321,112 @@ func (t *txn) release() {
 // one-transaction mode ([Transactional]); nil outside it. The handler's
 // statements made through it commit with the stored response, or not at
 // all. Its Commit and Rollback return [ErrManagedTx]; its Begin starts a
-// savepoint, which the handler may release or roll back.
+// savepoint, which the handler may release or roll back. A serialisation
+// failure or a deadlock that one of its statements meets makes the
+// request's answer 503 with Retry-After, whatever below 500 the handler
+// answers, since the retry may well succeed.
 func Tx(ctx context.Context) pgx.Tx {
 	tx, _ := ctx.Value(txKey{}).(pgx.Tx)
 	return tx
 }
 
 // handlerTx is the transaction as the handler sees it: the middleware's
-// own, which the handler may not end.
-type handlerTx struct{ pgx.Tx }
+// own, which the handler may not end (managed), or a savepoint in it. It
+// notes a serialisation failure or a deadlock that a statement meets, so
+// that the request is answered 503 rather than 500.
+type handlerTx struct {
+	pgx.Tx
+	t       *txn
+	managed bool
+}
 
-func (handlerTx) Commit(context.Context) error   { return ErrManagedTx }
-func (handlerTx) Rollback(context.Context) error { return ErrManagedTx }
+func (h handlerTx) Commit(ctx context.Context) error {
+	if h.managed {
+		return ErrManagedTx
+	}
+	return h.t.note(h.Tx.Commit(ctx))
+}
+
+func (h handlerTx) Rollback(ctx context.Context) error {
+	if h.managed {
+		return ErrManagedTx
+	}
+	return h.t.note(h.Tx.Rollback(ctx))
+}
+
+func (h handlerTx) Begin(ctx context.Context) (pgx.Tx, error) {
+	sp, err := h.Tx.Begin(ctx)
+	if err != nil {
+		return nil, h.t.note(err)
+	}
+	return handlerTx{Tx: sp, t: h.t}, nil
+}
+
+func (h handlerTx) Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error) {
+	tag, err := h.Tx.Exec(ctx, sql, args...)
+	return tag, h.t.note(err)
+}
+
+func (h handlerTx) Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error) {
+	rows, err := h.Tx.Query(ctx, sql, args...)
+	if err != nil {
+		return rows, h.t.note(err)
+	}
+	return notedRows{rows, h.t}, nil
+}
+
+func (h handlerTx) QueryRow(ctx context.Context, sql string, args ...any) pgx.Row {
+	return notedRow{h.Tx.QueryRow(ctx, sql, args...), h.t}
+}
+
+func (h handlerTx) SendBatch(ctx context.Context, b *pgx.Batch) pgx.BatchResults {
+	return notedBatch{h.Tx.SendBatch(ctx, b), h.t}
+}
+
+func (h handlerTx) CopyFrom(ctx context.Context, table pgx.Identifier, columns []string, src pgx.CopyFromSource) (int64, error) {
+	n, err := h.Tx.CopyFrom(ctx, table, columns, src)
+	return n, h.t.note(err)
+}
+
+// notedRows, notedRow and notedBatch note the errors of what handlerTx
+// returns.
+type notedRows struct {
+	pgx.Rows
+	t *txn
+}
+
+func (r notedRows) Err() error { return r.t.note(r.Rows.Err()) }
+
+func (r notedRows) Close() {
+	r.Rows.Close()
+	r.t.note(r.Rows.Err())
+}
+
+type notedRow struct {
+	pgx.Row
+	t *txn
+}
+
+func (r notedRow) Scan(dest ...any) error { return r.t.note(r.Row.Scan(dest...)) }
+
+type notedBatch struct {
+	pgx.BatchResults
+	t *txn
+}
+
+func (b notedBatch) Exec() (pgconn.CommandTag, error) {
+	tag, err := b.BatchResults.Exec()
+	return tag, b.t.note(err)
+}
+
+func (b notedBatch) Query() (pgx.Rows, error) {
+	rows, err := b.BatchResults.Query()
+	if err != nil {
+		return rows, b.t.note(err)
+	}
+	return notedRows{rows, b.t}, nil
+}
+
+func (b notedBatch) QueryRow() pgx.Row { return notedRow{b.BatchResults.QueryRow(), b.t} }
+
+func (b notedBatch) Close() error { return b.t.note(b.BatchResults.Close()) }

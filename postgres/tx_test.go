@@ -1413,19 +1413,16 @@ func TestTxConnectionLost(t *testing.T) {
 	})
 }
 
-// TestTxDeadlockAtStatement proves (BUG: it fails against the current
-// implementation, see below) the SPEC's answer to a deadlock: "Serialisation
+// TestTxDeadlockAtStatement proves the answer to a deadlock: "Serialisation
 // failures and deadlocks (40001, 40P01) roll back and answer 503 with
 // Retry-After". Two requests with different keys update two rows in
 // opposite orders; PostgreSQL aborts one of them with 40P01 at its UPDATE
 // (a deadlock is always reported at a statement, never at COMMIT). Its
 // handler catches the error and goes on to answer 201. Expected: 503 with
 // Retry-After and the not-committed problem, nothing of it committed; the
-// other request commits.
-//
-// BUG: the middleware answers 500 (the already-aborted rule), without
-// Retry-After, so a client that retries 503s (the client package does) does
-// not retry a request that is safe to retry.
+// other request commits. (Without the transaction noting the cause of the
+// failure, the already-aborted rule would answer 500, which the client
+// package does not retry.)
 func TestTxDeadlockAtStatement(t *testing.T) {
 	e := newTxEnv(t)
 	_, err := e.admin.Exec(t.Context(), "INSERT INTO "+e.orders+" (key, amount) VALUES ('row-1', 1), ('row-2', 1)")
@@ -1483,22 +1480,17 @@ func TestTxDeadlockAtStatement(t *testing.T) {
 	assert.Equal(t, 1, e.orderCount(t, winner))
 	assert.Zero(t, e.orderCount(t, loser), "nothing of the deadlocked request committed")
 	assert.Nil(t, e.record(t, loser), "nothing stored")
-	// BUG: got 500 without Retry-After.
 	assertProblem(t, results[loser], http.StatusServiceUnavailable, idempotency.ProblemNotCommitted)
 }
 
-// TestTxMaxDurationDuringStatement proves (BUG: it fails against the
-// current implementation, see below) what WithMaxTxDuration documents for a
+// TestTxMaxDurationDuringStatement proves what WithMaxTxDuration documents for a
 // handler that outlives it: "a handler that returns after it has its
 // transaction rolled back (503)". Here the handler is in a slow statement
 // when the deadline comes: pgx cancels the statement (and drops the
 // connection); the handler goes on and answers 201 after the deadline.
 // Expected: 503 with Retry-After and the not-committed problem; nothing
-// committed.
-//
-// BUG: the middleware answers 500 without Retry-After, because the
-// transaction looks aborted (its connection is closed) and the
-// already-aborted rule is checked before the deadline.
+// committed, although the transaction also looks aborted (its connection
+// is closed).
 func TestTxMaxDurationDuringStatement(t *testing.T) {
 	const maxTx = 300 * time.Millisecond
 	e := newTxEnv(t)
@@ -1517,6 +1509,5 @@ func TestTxMaxDurationDuringStatement(t *testing.T) {
 	assert.Equal(t, "true", stmtErr.Load(), "the statement ended with the transaction's deadline")
 	assert.Zero(t, e.orderCount(t, key), "rolled back")
 	assert.Nil(t, e.record(t, key), "nothing stored")
-	// BUG: got 500 without Retry-After.
 	assertProblem(t, res, http.StatusServiceUnavailable, idempotency.ProblemNotCommitted)
 }
