@@ -27,12 +27,12 @@ import (
 )
 
 // The crash tests run the service in a child process, which they kill: the
-// test binary runs itself with -test.run=^TestCrashChild$ and these
-// variables set. The child prints one line per event on its standard
-// output: "LISTEN addr" once it serves, "LOCK" for each try of a key's
-// advisory lock, "INSERTED key" when it holds after the business insert,
-// "RESPONSE key body" when the handler answers, "COMMITTED key" when it
-// holds after the commit.
+// test binary runs itself with these variables set, and TestMain then
+// runs serveCrashChild instead of the tests. The child prints one line per
+// event on its standard output: "LISTEN addr" once it serves, "LOCK" for
+// each try of a key's advisory lock, "INSERTED key" when it holds after the
+// business insert, "RESPONSE key body" when the handler answers,
+// "COMMITTED key" when it holds after the commit.
 const (
 	crashHoldEnv   = "IDEMPOTENCY_CRASH_CHILD" // the child's hold, below; unset outside a child
 	crashTableEnv  = "IDEMPOTENCY_CRASH_TABLE"
@@ -49,13 +49,20 @@ const (
 // crashBody is the body of every order the crash tests send.
 const crashBody = `{"amount":42}`
 
-// TestCrashChild is the service that the crash tests run in a child
-// process and kill; run by hand, it skips.
-func TestCrashChild(t *testing.T) {
-	hold := os.Getenv(crashHoldEnv)
-	if hold == "" {
-		t.Skip("the service of the crash tests: it runs only in their child processes")
+// TestMain runs the service of the crash tests when the test binary is
+// one of their child processes, and the tests otherwise.
+func TestMain(m *testing.M) {
+	if hold := os.Getenv(crashHoldEnv); hold != "" {
+		err := serveCrashChild(hold)
+		fmt.Fprintln(os.Stderr, "crash child:", err)
+		os.Exit(1)
 	}
+	os.Exit(m.Run())
+}
+
+// serveCrashChild is the service that the crash tests run in a child process
+// and kill. It returns only on an error.
+func serveCrashChild(hold string) error {
 	// The parent holds our standard input open: if it dies, so do we.
 	go func() {
 		_, _ = io.Copy(io.Discard, os.Stdin)
@@ -64,11 +71,15 @@ func TestCrashChild(t *testing.T) {
 
 	out := &crashOutput{}
 	cfg, err := pgxpool.ParseConfig(os.Getenv(dsnEnv))
-	require.NoError(t, err)
+	if err != nil {
+		return err
+	}
 	cfg.MaxConns = 4
 	cfg.ConnConfig.Tracer = crashLockTracer{out}
 	pool, err := pgxpool.NewWithConfig(context.Background(), cfg)
-	require.NoError(t, err)
+	if err != nil {
+		return err
+	}
 	defer pool.Close()
 
 	h := &crashOrders{
@@ -95,10 +106,12 @@ func TestCrashChild(t *testing.T) {
 	})
 
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
+	if err != nil {
+		return err
+	}
 	out.line("LISTEN " + ln.Addr().String())
 	srv := &http.Server{Handler: mw(h), ReadHeaderTimeout: 10 * time.Second}
-	t.Fatalf("serve: %v", srv.Serve(ln))
+	return fmt.Errorf("serve: %w", srv.Serve(ln))
 }
 
 // crashOutput writes a child's event lines, one at a time.
@@ -236,7 +249,7 @@ type crashChild struct {
 func startCrashChild(t *testing.T, tables crashTables, hold string) *crashChild {
 	t.Helper()
 	c := &crashChild{lines: make(chan string, 100), exited: make(chan struct{})}
-	c.cmd = exec.Command(os.Args[0], "-test.run=^TestCrashChild$", "-test.count=1", "-test.timeout=2m")
+	c.cmd = exec.Command(os.Args[0])
 	c.cmd.Env = append(os.Environ(), crashHoldEnv+"="+hold, crashTableEnv+"="+tables.idem,
 		crashOrdersEnv+"="+tables.orders, dsnEnv+"="+testDSN(t))
 	c.cmd.Stderr = &c.stderr
