@@ -33,8 +33,8 @@ var (
 // On this path the response is held in memory until the commit succeeded
 // (Flush does nothing, Hijack reports [http.ErrNotSupported]); a response
 // larger than Config.MaxResponseSize, or shorter than its Content-Length,
-// rolls back and is answered 500; a status ShouldStore refuses, and a
-// panic, roll back. Config.FailOpen makes New panic: there would be no
+// rolls back and is answered 500; a status of 500 or more, one ShouldStore
+// refuses, and a panic roll back. Config.FailOpen makes New panic: there would be no
 // transaction to give the handler.
 type TxStore interface {
 	Store
@@ -95,19 +95,31 @@ func (h *handler) serveTx(w http.ResponseWriter, r *http.Request, ts TxStore, sk
 	if err == nil && rec != nil {
 		err = checkRecord(rec)
 	}
+	if err != nil || rec != nil {
+		// The answer goes out first, then the rollback, even when an
+		// observer panics.
+		defer s.rollbackAfter(w, r, tx)
+	}
 	switch {
 	case errors.Is(err, ErrKeyBusy):
 		s.conflict(w, r, skey, &Record{})
-		s.rollback(r, tx)
 	case err != nil:
 		h.claimFailed(w, r, skey, key, err)
-		s.rollback(r, tx)
 	case rec != nil:
 		s.replay(w, r, skey, rec)
-		s.rollback(r, tx)
 	default:
 		h.runTx(w, r, tx, skey, key)
 	}
+}
+
+// rollbackAfter sends what was written to w, so that the client does not
+// wait for the rollback, then rolls tx back.
+func (s *settings) rollbackAfter(w http.ResponseWriter, r *http.Request, tx StoreTx) {
+	if tx == nil {
+		return
+	}
+	_ = http.NewResponseController(w).Flush()
+	s.rollback(r, tx)
 }
 
 // awaitTx polls Begin with backoff while the key is busy, for at most
@@ -170,7 +182,9 @@ func (h *handler) runTx(w http.ResponseWriter, r *http.Request, tx StoreTx, skey
 		s.rollback(r, tx)
 		s.observe(Event{Outcome: OutcomeReleased, Request: r, StorageKey: skey, Status: status, Duration: took, Detail: detail})
 	}
-	held := Response{StatusCode: status, Header: rec.header(), Body: rec.buf}
+	// f.record filters the header it stores in place: the first client
+	// gets all of it.
+	held := Response{StatusCode: status, Header: rec.header().Clone(), Body: rec.buf}
 	switch {
 	case tx.Aborted():
 		// A statement failed and the handler went on: its writes are gone,
@@ -182,7 +196,7 @@ func (h *handler) runTx(w http.ResponseWriter, r *http.Request, tx StoreTx, skey
 			return
 		}
 		writeResponse(w, &held, false)
-	case f.body.failed && (status < 200 || status >= 400), !s.shouldStore(status):
+	case f.body.failed && (status < 200 || status >= 400), status >= 500, !s.shouldStore(status):
 		rollback("")
 		writeResponse(w, &held, false)
 	case rec.over, rec.incomplete() && r.Method != http.MethodHead:
@@ -206,6 +220,11 @@ func (h *handler) runTx(w http.ResponseWriter, r *http.Request, tx StoreTx, skey
 			s.observe(Event{Outcome: OutcomeReleased, Request: r, StorageKey: skey, Status: status, Duration: took, Detail: "completed by another request"})
 			if err := checkRecord(live); err != nil {
 				h.claimFailed(w, r, skey, key, err)
+				return
+			}
+			if live.State == StateInFlight {
+				// A store under a lease on the same table claimed the key.
+				s.conflict(w, r, skey, live)
 				return
 			}
 			if !s.fingerprintsMatch(f.fingerprint, live.Fingerprint) {

@@ -405,3 +405,71 @@ func TestTxNestedInsideALeaseInstancePassesThrough(t *testing.T) {
 	assert.False(t, inTx.Load(), "no transaction for a request the outer instance holds")
 	assert.EqualValues(t, 1, runs.Load())
 }
+
+// TestTxReviewCases covers what a review of the transactional path found:
+// each case failed before its fix.
+func TestTxReviewCases(t *testing.T) {
+	t.Run("an observer that panics on a replay still rolls back", func(t *testing.T) {
+		st := newTxFakeStore()
+		var runs atomic.Int64
+		require.Equal(t, http.StatusCreated, txDo(idempotency.New(idempotency.Config{Store: st})(txOrders(&runs)), "k", "book").Code)
+		h := idempotency.New(idempotency.Config{Store: st, Observer: func(e idempotency.Event) {
+			if e.Outcome == idempotency.OutcomeReplayed {
+				panic("observer")
+			}
+		}})(txOrders(&runs))
+		assert.PanicsWithValue(t, "observer", func() { txDo(h, "k", "book") })
+		assert.EqualValues(t, 1, st.rolled.Load(), "the replay's transaction was rolled back")
+		assert.Empty(t, st.locked, "the key is free")
+	})
+	t.Run("the first client gets the headers that are not stored", func(t *testing.T) {
+		st := newTxFakeStore()
+		h := idempotency.New(idempotency.Config{Store: st})(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			http.SetCookie(w, &http.Cookie{Name: "session", Value: "abc"})
+			w.WriteHeader(http.StatusCreated)
+		}))
+		first := txDo(h, "k", "book")
+		assert.Equal(t, "session=abc", first.Header().Get("Set-Cookie"))
+		retry := txDo(h, "k", "book")
+		assert.Equal(t, "true", retry.Header().Get(idempotency.ReplayedHeader))
+		assert.Empty(t, retry.Header().Get("Set-Cookie"), "never replayed")
+	})
+	t.Run("a key claimed under a lease at commit time is a conflict", func(t *testing.T) {
+		st := newTxFakeStore()
+		st.commitHook = func(*txFake) (*idempotency.Record, error) {
+			return &idempotency.Record{State: idempotency.StateInFlight, Token: "lease", LeaseRemaining: time.Second}, nil
+		}
+		var runs atomic.Int64
+		w := txDo(idempotency.New(idempotency.Config{Store: st})(txOrders(&runs)), "k", "book")
+		assert.Equal(t, http.StatusConflict, w.Code)
+		assert.Equal(t, idempotency.ProblemInProgress, txProblemType(t, w))
+		assert.Empty(t, st.committedRows())
+	})
+	t.Run("a 5xx rolls back even when ShouldStore accepts it", func(t *testing.T) {
+		st := newTxFakeStore()
+		var runs atomic.Int64
+		h := idempotency.New(idempotency.Config{Store: st, ShouldStore: func(int) bool { return true }})(txOrders(&runs))
+		assert.Equal(t, http.StatusInternalServerError, txDo(h, "k", "book", "X-Answer", "500").Code)
+		assert.Empty(t, st.committedRows())
+		assert.Equal(t, http.StatusCreated, txDo(h, "k", "book").Code, "the retry runs")
+	})
+	t.Run("the 409 reaches the client before the rollback ends", func(t *testing.T) {
+		st := newTxFakeStore()
+		st.locked[idempotency.StorageKey("", "k")] = true
+		st.onBusyRollback = func() { time.Sleep(time.Second) }
+		var runs atomic.Int64
+		srv := httptest.NewServer(idempotency.New(idempotency.Config{Store: st})(txOrders(&runs)))
+		defer srv.Close()
+		req, err := http.NewRequest(http.MethodPost, srv.URL, strings.NewReader("book"))
+		require.NoError(t, err)
+		req.Header.Set("Idempotency-Key", "k")
+		start := time.Now()
+		resp, err := srv.Client().Do(req)
+		require.NoError(t, err)
+		_, err = io.ReadAll(resp.Body)
+		require.NoError(t, err)
+		resp.Body.Close()
+		assert.Equal(t, http.StatusConflict, resp.StatusCode)
+		assert.Less(t, time.Since(start), 800*time.Millisecond, "the client did not wait for the rollback")
+	})
+}
