@@ -35,8 +35,9 @@
 // or not at all.
 //
 //	store := postgres.NewStore(pool, postgres.Transactional())
+//	mw := idempotency.New(idempotency.Config{Store: store, RequireKey: true})
 //	...
-//	tx := postgres.Tx(r.Context())
+//	tx := postgres.Tx(r.Context()) // nil for a request the middleware does not cover
 //	_, err := tx.Exec(r.Context(), `INSERT INTO orders ...`, ...)
 //
 // The middleware begins the transaction and takes the key with a

@@ -27,7 +27,7 @@ func ExampleTransactional() {
 	id, amount := 1, 1299 // a real handler takes these from the request
 
 	store := postgres.NewStore(pool, postgres.Transactional())
-	mw := idempotency.New(idempotency.Config{Store: store})
+	mw := idempotency.New(idempotency.Config{Store: store, RequireKey: true}) // no key, no transaction: 400
 	http.Handle("POST /orders", mw(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		tx := postgres.Tx(r.Context()) // commits with the stored response, or not at all
 		if _, err := tx.Exec(r.Context(), `INSERT INTO orders (id, amount) VALUES ($1, $2)`, id, amount); err != nil {

@@ -96,6 +96,14 @@ func NewStore(pool *pgxpool.Pool, opts ...Option) *Store {
 	if o.maxTx <= 0 {
 		panic(fmt.Sprintf("postgres: WithMaxTxDuration(%v): the duration must be positive", o.maxTx))
 	}
+	switch {
+	case o.txOptions.AccessMode == pgx.ReadOnly:
+		panic("postgres: WithTxOptions: a read-only transaction cannot store the response")
+	case o.txOptions.CommitQuery != "":
+		panic("postgres: WithTxOptions: CommitQuery is not supported: the store sends COMMIT with the record")
+	case o.txOptions.IsoLevel == "":
+		o.txOptions.IsoLevel = pgx.ReadCommitted
+	}
 	s := &Store{pool: pool, table: table, name: o.table, index: index,
 		tx: o.tx, txOptions: o.txOptions, maxTx: o.maxTx}
 	s.buildSQL()

@@ -6,7 +6,9 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -33,8 +35,11 @@ func Transactional() Option {
 }
 
 // WithTxOptions sets the options of the transactions of [Transactional]:
-// the isolation level (READ COMMITTED by default), the access mode and the
-// deferrable mode.
+// the isolation level (READ COMMITTED when IsoLevel is empty, whatever the
+// server's default), the deferrable mode, or a BeginQuery of your own.
+// NewStore panics on a read-only access mode (the record could not be
+// written) and on a CommitQuery (the store sends COMMIT itself, with the
+// record).
 func WithTxOptions(opts pgx.TxOptions) Option {
 	return func(o *options) { o.txOptions = opts }
 }
@@ -74,18 +79,26 @@ const (
 VALUES ($1, 1, 'tx', 2, $2, $3, $4, $5, $6, clock_timestamp() + $7::bigint * interval '1 microsecond')`
 )
 
-// lockKey returns the advisory lock that stands for key in s's table.
+// lockKey returns the advisory lock that stands for key in s's table. It
+// hashes the table's name without its schema, so that instances that name
+// the table with and without it take the same lock.
 func (s *Store) lockKey(key string) int64 {
-	sum := sha256.Sum256([]byte(s.name + "\x00" + key))
+	sum := sha256.Sum256([]byte(s.tableName() + "\x00" + key))
 	return int64(binary.BigEndian.Uint64(sum[:8]))
+}
+
+// tableName returns the name of s's table without its schema.
+func (s *Store) tableName() string {
+	return s.name[strings.LastIndexByte(s.name, '.')+1:]
 }
 
 // Begin implements [idempotency.TxStore.Begin]. It takes a connection from
 // the pool, then sends in one round trip the BEGIN, a try-lock of the
 // advisory lock that stands for key, and, as a statement of its own after
-// the lock, the look-up of key's record. A record still in flight under a
-// lease (a store on the same table without Transactional) is reported as
-// busy.
+// the lock, the look-up of key's record. A completed record is returned
+// even when another transaction holds the lock (a replay of the same key,
+// say); a record still in flight under a lease (a store on the same table
+// without Transactional) is reported as busy.
 func (s *Store) Begin(ctx context.Context, key string) (idempotency.StoreTx, *idempotency.Record, error) {
 	if !s.tx {
 		return nil, nil, errors.New("postgres: Begin needs a store built with Transactional")
@@ -95,7 +108,10 @@ func (s *Store) Begin(ctx context.Context, key string) (idempotency.StoreTx, *id
 	}
 	conn, err := s.pool.Acquire(ctx)
 	if err != nil {
-		return nil, nil, fmt.Errorf("postgres: begin: no connection free in the pool in time: %w", err)
+		if ctx.Err() != nil {
+			return nil, nil, fmt.Errorf("postgres: begin: pool exhausted: no connection free within the store timeout: %w", err)
+		}
+		return nil, nil, fmt.Errorf("postgres: begin: acquire a connection: %w", err)
 	}
 	b := &pgx.Batch{}
 	b.BeginTx(s.txOptions)
@@ -124,11 +140,14 @@ func (s *Store) Begin(ctx context.Context, key string) (idempotency.StoreTx, *id
 	switch {
 	case err != nil:
 		return t, nil, fmt.Errorf("postgres: begin: %w", err)
-	case !locked:
+	case !found && !locked:
 		return t, nil, idempotency.ErrKeyBusy
 	case !found:
 		return t, nil, nil
 	}
+	// A completed record is committed, and so final: it is replayed
+	// whether or not this transaction got the lock, which another replay
+	// may hold for a moment.
 	rec, err := row.record()
 	switch {
 	case err != nil:
@@ -150,6 +169,8 @@ type txn struct {
 
 	mu      sync.Mutex
 	retried error // the first serialisation failure or deadlock a handler's statement met
+
+	ended atomic.Bool // the connection went back to the pool: the handler's Tx is closed
 }
 
 // txKey is the context key under which a txn's handlerTx travels.
@@ -189,6 +210,9 @@ func retryable(err error) bool {
 // that ran past its deadline, is not reported: Commit refuses it with
 // ErrNotCommitted, so that the client gets 503 and retries.
 func (t *txn) Aborted() bool {
+	if t.conn == nil {
+		return true
+	}
 	t.mu.Lock()
 	retried := t.retried
 	t.mu.Unlock()
@@ -262,14 +286,16 @@ func (t *txn) Commit(ctx context.Context, rec *idempotency.Record, ttl time.Dura
 		// back.
 		t.release()
 		return nil, fmt.Errorf("%w: COMMIT answered %q", idempotency.ErrNotCommitted, tag.String())
-	case errors.As(err, &pgErr) && pgErr.Code == "23505":
+	case errors.As(err, &pgErr) && pgErr.Code == "23505" && pgErr.TableName == s.tableName():
 		// Another transaction completed the key first, under a snapshot
 		// that hid its row from Begin.
 		return t.liveRecord(ctx)
 	case retryable(err):
 		return nil, fmt.Errorf("%w: rolled back by the database: %w", idempotency.ErrNotCommitted, err)
 	case errors.As(err, &pgErr):
-		return nil, fmt.Errorf("%w: %w", idempotency.ErrNotCommitted, err)
+		return nil, fmt.Errorf("%w: rolled back: %w", idempotency.ErrNotCommitted, err)
+	case pgconn.SafeToRetry(err):
+		return nil, fmt.Errorf("%w: COMMIT not sent: %w", idempotency.ErrNotCommitted, err)
 	}
 	return nil, fmt.Errorf("%w: COMMIT sent, outcome unknown: %w", idempotency.ErrNotCommitted, err)
 }
@@ -310,6 +336,7 @@ func (t *txn) Rollback(ctx context.Context) error {
 // release gives t's connection back to the pool, which closes it if it is
 // still in a transaction, and ends the handler's context.
 func (t *txn) release() {
+	t.ended.Store(true)
 	if t.cancel != nil {
 		t.cancel()
 	}
@@ -322,9 +349,11 @@ func (t *txn) release() {
 // statements made through it commit with the stored response, or not at
 // all. Its Commit and Rollback return [ErrManagedTx]; its Begin starts a
 // savepoint, which the handler may release or roll back. A serialisation
-// failure or a deadlock that one of its statements meets makes the
-// request's answer 503 with Retry-After, whatever below 500 the handler
-// answers, since the retry may well succeed.
+// failure or a deadlock that aborts the transaction (one that no savepoint
+// caught) makes the request's answer 503 with Retry-After, whatever below
+// 500 the handler answers, since the retry may well succeed. It is closed
+// once the handler has returned: do not use it from a goroutine that
+// outlives the handler (its methods then return [pgx.ErrTxClosed]).
 func Tx(ctx context.Context) pgx.Tx {
 	tx, _ := ctx.Value(txKey{}).(pgx.Tx)
 	return tx
@@ -341,6 +370,9 @@ type handlerTx struct {
 }
 
 func (h handlerTx) Commit(ctx context.Context) error {
+	if h.t.ended.Load() {
+		return pgx.ErrTxClosed
+	}
 	if h.managed {
 		return ErrManagedTx
 	}
@@ -348,6 +380,9 @@ func (h handlerTx) Commit(ctx context.Context) error {
 }
 
 func (h handlerTx) Rollback(ctx context.Context) error {
+	if h.t.ended.Load() {
+		return pgx.ErrTxClosed
+	}
 	if h.managed {
 		return ErrManagedTx
 	}
@@ -355,6 +390,9 @@ func (h handlerTx) Rollback(ctx context.Context) error {
 }
 
 func (h handlerTx) Begin(ctx context.Context) (pgx.Tx, error) {
+	if h.t.ended.Load() {
+		return nil, pgx.ErrTxClosed
+	}
 	sp, err := h.Tx.Begin(ctx)
 	if err != nil {
 		return nil, h.t.note(err)
@@ -363,11 +401,17 @@ func (h handlerTx) Begin(ctx context.Context) (pgx.Tx, error) {
 }
 
 func (h handlerTx) Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error) {
+	if h.t.ended.Load() {
+		return pgconn.CommandTag{}, pgx.ErrTxClosed
+	}
 	tag, err := h.Tx.Exec(ctx, sql, args...)
 	return tag, h.t.note(err)
 }
 
 func (h handlerTx) Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error) {
+	if h.t.ended.Load() {
+		return nil, pgx.ErrTxClosed
+	}
 	rows, err := h.Tx.Query(ctx, sql, args...)
 	if err != nil {
 		return rows, h.t.note(err)
@@ -376,14 +420,23 @@ func (h handlerTx) Query(ctx context.Context, sql string, args ...any) (pgx.Rows
 }
 
 func (h handlerTx) QueryRow(ctx context.Context, sql string, args ...any) pgx.Row {
+	if h.t.ended.Load() {
+		return closedRow{}
+	}
 	return notedRow{h.Tx.QueryRow(ctx, sql, args...), h.t}
 }
 
 func (h handlerTx) SendBatch(ctx context.Context, b *pgx.Batch) pgx.BatchResults {
+	if h.t.ended.Load() {
+		return pgx.FailedBatchResults(b, pgx.ErrTxClosed)
+	}
 	return notedBatch{h.Tx.SendBatch(ctx, b), h.t}
 }
 
 func (h handlerTx) CopyFrom(ctx context.Context, table pgx.Identifier, columns []string, src pgx.CopyFromSource) (int64, error) {
+	if h.t.ended.Load() {
+		return 0, pgx.ErrTxClosed
+	}
 	n, err := h.Tx.CopyFrom(ctx, table, columns, src)
 	return n, h.t.note(err)
 }
@@ -401,6 +454,11 @@ func (r notedRows) Close() {
 	r.Rows.Close()
 	r.t.note(r.Rows.Err())
 }
+
+// closedRow is the row of a query on a closed transaction.
+type closedRow struct{}
+
+func (closedRow) Scan(...any) error { return pgx.ErrTxClosed }
 
 type notedRow struct {
 	pgx.Row
