@@ -34,8 +34,8 @@ var (
 // (Flush does nothing, Hijack reports [http.ErrNotSupported]); a response
 // larger than Config.MaxResponseSize, or shorter than its Content-Length,
 // rolls back and is answered 500; a status of 500 or more, one ShouldStore
-// refuses, and a panic roll back. Config.FailOpen makes New panic: there would be no
-// transaction to give the handler.
+// refuses, and a panic roll back. Config.FailOpen makes New panic: there
+// would be no transaction to give the handler.
 type TxStore interface {
 	Store
 

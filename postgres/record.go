@@ -26,6 +26,28 @@ type recordRow struct {
 	remaining   *int64 // microseconds of life left, positive
 }
 
+// dest returns the scan destinations of r's columns, in the order of
+// getSQL.
+func (r *recordRow) dest() []any {
+	return []any{&r.version, &r.token, &r.state, &r.status,
+		&r.header, &r.body, &r.fingerprint, &r.notStored, &r.remaining}
+}
+
+// responseColumns returns the status, header and not-stored reason of resp
+// as the record's columns hold them, or why they cannot hold them.
+func responseColumns(resp *idempotency.Response) (status int32, header []byte, notStored *string, err error) {
+	if resp.StatusCode < 0 || resp.StatusCode > 999 {
+		return 0, nil, nil, fmt.Errorf("postgres: status code %d out of range", resp.StatusCode)
+	}
+	if resp.NotStored != "" {
+		if err := checkText("not-stored reason", resp.NotStored); err != nil {
+			return 0, nil, nil, err
+		}
+		notStored = &resp.NotStored
+	}
+	return int32(resp.StatusCode), encodeHeader(resp.Header), notStored, nil
+}
+
 // record decodes r. A row of an unknown version or state, or whose header
 // column does not decode, is an error wrapping
 // [idempotency.ErrCorruptRecord].

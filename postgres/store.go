@@ -259,23 +259,15 @@ func (s *Store) Complete(ctx context.Context, key, token string, rec *idempotenc
 	if rec == nil {
 		panic("postgres: Complete needs a non-nil record")
 	}
-	resp := &rec.Response
-	var notStored *string
-	if resp.NotStored != "" {
-		if err := checkText("not-stored reason", resp.NotStored); err != nil {
-			return err
-		}
-		notStored = &resp.NotStored
+	status, header, notStored, err := responseColumns(&rec.Response)
+	if err != nil {
+		return err
 	}
-	if resp.StatusCode < 0 || resp.StatusCode > 999 {
-		return fmt.Errorf("postgres: complete: status code %d out of range", resp.StatusCode)
-	}
-	header := encodeHeader(resp.Header)
 	for range settleAttempts {
 		var done bool
 		var state *int16
-		err := s.pool.QueryRow(ctx, s.completeSQL, key, token, int32(resp.StatusCode), header,
-			resp.Body, rec.Fingerprint, notStored, micros(ttl)).Scan(&done, &state)
+		err := s.pool.QueryRow(ctx, s.completeSQL, key, token, status, header,
+			rec.Response.Body, rec.Fingerprint, notStored, micros(ttl)).Scan(&done, &state)
 		if err != nil {
 			return fmt.Errorf("postgres: complete: %w", err)
 		}
@@ -308,9 +300,7 @@ func (s *Store) Release(ctx context.Context, key, token string) error {
 // Get implements [idempotency.Store.Get] with one SELECT.
 func (s *Store) Get(ctx context.Context, key string) (*idempotency.Record, error) {
 	var row recordRow
-	err := s.pool.QueryRow(ctx, s.getSQL, key).Scan(
-		&row.version, &row.token, &row.state, &row.status,
-		&row.header, &row.body, &row.fingerprint, &row.notStored, &row.remaining)
+	err := s.pool.QueryRow(ctx, s.getSQL, key).Scan(row.dest()...)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return nil, nil
 	}

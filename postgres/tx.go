@@ -127,8 +127,7 @@ func (s *Store) Begin(ctx context.Context, key string) (idempotency.StoreTx, *id
 		err = br.QueryRow().Scan(&locked)
 	}
 	if err == nil {
-		err = br.QueryRow().Scan(&row.version, &row.token, &row.state, &row.status,
-			&row.header, &row.body, &row.fingerprint, &row.notStored, &row.remaining)
+		err = br.QueryRow().Scan(row.dest()...)
 		found = err == nil
 		if errors.Is(err, pgx.ErrNoRows) {
 			err = nil
@@ -213,13 +212,18 @@ func (t *txn) Aborted() bool {
 	if t.conn == nil {
 		return true
 	}
-	t.mu.Lock()
-	retried := t.retried
-	t.mu.Unlock()
-	if retried != nil || !time.Now().Before(t.deadline) {
+	if t.retriedBy() != nil || !time.Now().Before(t.deadline) {
 		return false
 	}
 	return t.broken()
+}
+
+// retriedBy returns the serialisation failure or deadlock that a handler's
+// statement met, if any.
+func (t *txn) retriedBy() error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.retried
 }
 
 // broken reports whether t can no longer commit.
@@ -240,31 +244,20 @@ func (t *txn) Commit(ctx context.Context, rec *idempotency.Record, ttl time.Dura
 		return nil, fmt.Errorf("%w: the transaction ran past its maximum duration of %v",
 			idempotency.ErrNotCommitted, t.store.maxTx)
 	}
-	t.mu.Lock()
-	retried := t.retried
-	t.mu.Unlock()
-	if retried != nil && t.broken() {
+	if retried := t.retriedBy(); retried != nil && t.broken() {
 		return nil, fmt.Errorf("%w: rolled back by the database: %w", idempotency.ErrNotCommitted, retried)
 	}
-	resp := &rec.Response
-	if resp.StatusCode < 0 || resp.StatusCode > 999 {
-		return nil, fmt.Errorf("%w: status code %d out of range", idempotency.ErrNotCommitted, resp.StatusCode)
-	}
-	var notStored *string
-	if resp.NotStored != "" {
-		if err := checkText("not-stored reason", resp.NotStored); err != nil {
-			return nil, fmt.Errorf("%w: %w", idempotency.ErrNotCommitted, err)
-		}
-		notStored = &resp.NotStored
+	status, header, notStored, err := responseColumns(&rec.Response)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", idempotency.ErrNotCommitted, err)
 	}
 	s := t.store
 	b := &pgx.Batch{}
 	b.Queue(s.takeOverSQL, t.key)
-	b.Queue(s.insertSQL, t.key, int32(resp.StatusCode), encodeHeader(resp.Header),
-		resp.Body, rec.Fingerprint, notStored, micros(ttl))
+	b.Queue(s.insertSQL, t.key, status, header, rec.Response.Body, rec.Fingerprint, notStored, micros(ttl))
 	b.Queue("COMMIT")
 	br := t.conn.SendBatch(ctx, b)
-	_, err := br.Exec()
+	_, err = br.Exec()
 	if err == nil {
 		_, err = br.Exec()
 	}
@@ -302,18 +295,19 @@ func (t *txn) Commit(ctx context.Context, rec *idempotency.Record, ttl time.Dura
 
 // liveRecord rolls t back and returns the live record under its key.
 func (t *txn) liveRecord(ctx context.Context) (*idempotency.Record, error) {
-	if err := t.tx.Rollback(ctx); err != nil {
-		return nil, fmt.Errorf("%w: rollback after a unique violation: %w", idempotency.ErrNotCommitted, err)
-	}
-	var row recordRow
-	err := t.conn.QueryRow(ctx, t.store.getSQL, t.key).Scan(&row.version, &row.token, &row.state,
-		&row.status, &row.header, &row.body, &row.fingerprint, &row.notStored, &row.remaining)
+	err := t.tx.Rollback(ctx)
 	t.release()
 	if err != nil {
-		// pgx.ErrNoRows: the row expired in between.
+		return nil, fmt.Errorf("%w: rollback after a unique violation: %w", idempotency.ErrNotCommitted, err)
+	}
+	rec, err := t.store.Get(ctx, t.key)
+	if rec == nil && err == nil {
+		err = errors.New("it expired in between")
+	}
+	if err != nil {
 		return nil, fmt.Errorf("%w: reading the record another request stored: %w", idempotency.ErrNotCommitted, err)
 	}
-	return row.record()
+	return rec, nil
 }
 
 // Rollback implements [idempotency.StoreTx.Rollback]. On a broken
