@@ -2,12 +2,9 @@ package postgres_test
 
 import (
 	"context"
-	"errors"
 	"net/http"
-	"strings"
 	"sync"
 	"testing"
-	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -126,26 +123,4 @@ func TestTxOptionsRefused(t *testing.T) {
 	assert.PanicsWithValue(t, "postgres: WithTxOptions: CommitQuery is not supported: the store sends COMMIT with the record", func() {
 		postgres.NewStore(pool, postgres.Transactional(), postgres.WithTxOptions(pgx.TxOptions{CommitQuery: "COMMIT AND CHAIN"}))
 	})
-}
-
-// TestTxPoolExhaustedIsNamed proves that a request that found no free
-// connection within StoreTimeout is reported to the observer as such.
-func TestTxPoolExhaustedIsNamed(t *testing.T) {
-	e := newTxEnv(t)
-	pool := e.pool(t, 1)
-	held, err := pool.Acquire(t.Context())
-	require.NoError(t, err)
-	defer held.Release()
-
-	var got error
-	srv := serveTx(t, idempotency.Config{Store: e.store(pool), StoreTimeout: 100 * time.Millisecond, Observer: func(ev idempotency.Event) {
-		if ev.Outcome == idempotency.OutcomeStoreError {
-			got = ev.Err
-		}
-	}}, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(http.StatusCreated) }))
-	res := mustSend(t, srv, "/orders", randomName("exhausted-"), "")
-	assertProblem(t, res, http.StatusServiceUnavailable, idempotency.ProblemStoreUnavailable)
-	require.Error(t, got)
-	assert.True(t, strings.Contains(got.Error(), "pool exhausted"), got.Error())
-	assert.True(t, errors.Is(got, context.DeadlineExceeded), got.Error())
 }

@@ -907,13 +907,19 @@ func TestTxConcurrentOneKey(t *testing.T) {
 
 // TestTxPoolExhausted proves that when every connection of the pool is
 // held by a slow handler, a new request is answered 503 with Retry-After
-// within StoreTimeout, with nothing run and nothing stored, and that its
-// retry runs once connections are free.
+// within StoreTimeout, with nothing run and nothing stored, that the
+// observer is told the pool was exhausted, and that its retry runs once
+// connections are free.
 func TestTxPoolExhausted(t *testing.T) {
 	const storeTimeout = 200 * time.Millisecond
 	e := newTxEnv(t)
 	h := newSlowOrders(e)
-	srv := serveTx(t, idempotency.Config{Store: e.store(e.pool(t, 2)), StoreTimeout: storeTimeout}, h)
+	var storeErr atomic.Value // the observer's error for the exhausted pool
+	srv := serveTx(t, idempotency.Config{Store: e.store(e.pool(t, 2)), StoreTimeout: storeTimeout, Observer: func(ev idempotency.Event) {
+		if ev.Outcome == idempotency.OutcomeStoreError {
+			storeErr.Store(ev.Err)
+		}
+	}}, h)
 	slow := []<-chan txResult{
 		sendAsync(srv, "/slow", randomName("slow-"), "{}"),
 		sendAsync(srv, "/slow", randomName("slow-"), "{}"),
@@ -930,6 +936,10 @@ func TestTxPoolExhausted(t *testing.T) {
 	assert.Less(t, elapsed, 2*time.Second, "bounded by StoreTimeout")
 	assert.Equal(t, int64(2), h.runs.Load(), "the handler did not run")
 	assert.Nil(t, e.record(t, key))
+	err, _ := storeErr.Load().(error)
+	require.Error(t, err, "the observer heard of it")
+	assert.Contains(t, err.Error(), "pool exhausted", "the observer is told why")
+	assert.ErrorIs(t, err, context.DeadlineExceeded)
 
 	close(h.release)
 	for _, ch := range slow {
