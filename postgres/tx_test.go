@@ -1228,6 +1228,92 @@ func TestTxLiveRecordAtCommit(t *testing.T) {
 	}
 }
 
+// TestTxExpiredRow proves that an expired row under a key does not stand in
+// the way of the one-transaction mode: a completed record past its TTL, a
+// claim whose lease ran out (its process died), and a claim that another
+// store makes after Begin looked and whose lease runs out before the
+// commit are all taken over at the commit: the handler runs once, its
+// order row and its record commit, and a retry replays.
+func TestTxExpiredRow(t *testing.T) {
+	e := newTxEnv(t)
+	var runs atomic.Int64
+	srv := serveTx(t, idempotency.Config{Store: e.store(e.pool(t, 2))}, e.ordersHandler(&runs))
+	lease := e.leaseStore(e.admin)
+
+	t.Run("Completed", func(t *testing.T) {
+		key := randomName("expired-")
+		skey := idempotency.StorageKey("", key)
+		rec, err := lease.Claim(t.Context(), skey, "old", time.Minute)
+		require.NoError(t, err)
+		require.Nil(t, rec)
+		require.NoError(t, lease.Complete(t.Context(), skey, "old", &idempotency.Record{
+			State:    idempotency.StateCompleted,
+			Response: idempotency.Response{StatusCode: http.StatusCreated, Body: []byte("old")},
+		}, time.Millisecond))
+		time.Sleep(20 * time.Millisecond)
+
+		before := runs.Load()
+		res := mustSend(t, srv, "/orders", key, "{}")
+		assert.Equal(t, http.StatusCreated, res.status, res.body)
+		assert.False(t, res.replayed())
+		assert.Equal(t, before+1, runs.Load())
+		assert.Equal(t, 1, e.orderCount(t, key))
+		assert.Equal(t, res.body, string(e.record(t, key).Response.Body), "the new record replaced the expired one")
+	})
+
+	t.Run("LeaseRanOut", func(t *testing.T) {
+		key := randomName("expired-")
+		rec, err := lease.Claim(t.Context(), idempotency.StorageKey("", key), "dead", time.Millisecond)
+		require.NoError(t, err)
+		require.Nil(t, rec)
+		time.Sleep(20 * time.Millisecond)
+
+		res := mustSend(t, srv, "/orders", key, "{}")
+		assert.Equal(t, http.StatusCreated, res.status, res.body)
+		assert.Equal(t, 1, e.orderCount(t, key))
+		replay := mustSend(t, srv, "/orders", key, "{}")
+		assert.True(t, replay.replayed())
+		assert.Equal(t, res.body, replay.body)
+	})
+
+	t.Run("ExpiresAfterBegin", func(t *testing.T) {
+		claimed := false
+		h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			key, _ := idempotency.KeyFromContext(r.Context())
+			id, err := e.insertOrder(r, 10, "{}")
+			if err != nil {
+				w.WriteHeader(http.StatusInternalServerError)
+				return
+			}
+			if !claimed {
+				// Another store claims the key outside this transaction;
+				// its lease runs out before this request commits.
+				claimed = true
+				rec, err := lease.Claim(r.Context(), idempotency.StorageKey("", key), "other", 10*time.Millisecond)
+				if err != nil || rec != nil {
+					w.WriteHeader(http.StatusInternalServerError)
+					return
+				}
+				time.Sleep(30 * time.Millisecond)
+			}
+			writeOrder(w, id, "{}")
+		})
+		srv := serveTx(t, idempotency.Config{Store: e.store(e.pool(t, 2))}, h)
+		key := randomName("expired-")
+
+		first := mustSend(t, srv, "/orders", key, "{}")
+		assert.Equal(t, http.StatusCreated, first.status, first.body)
+		assert.True(t, claimed)
+		assert.Equal(t, 1, e.orderCount(t, key))
+		assert.Equal(t, first.body, string(e.record(t, key).Response.Body))
+
+		retry := mustSend(t, srv, "/orders", key, "{}")
+		assert.True(t, retry.replayed())
+		assert.Equal(t, first.body, retry.body)
+		assert.Equal(t, 1, e.orderCount(t, key))
+	})
+}
+
 // TestTxSerializationFailure proves the answer to a serialisation failure
 // under SERIALIZABLE: two requests with different keys each read the
 // account's orders and add one (write skew); the first commits, the second
