@@ -65,7 +65,9 @@ type Config struct {
 	RetryAfter time.Duration
 
 	// StoreTimeout bounds each store call, so a store that hangs turns into
-	// a fast 503 rather than a hung request. Default 2s.
+	// a fast 503 rather than a hung request. Default 2s. The calls of a
+	// transactional store (TxStore) share deadlines: each gets at least
+	// 15/16 of StoreTimeout and never more.
 	StoreTimeout time.Duration
 
 	// FingerprintBodyLimit is how many leading bytes of the request body,
@@ -161,8 +163,9 @@ type settings struct {
 	requireKey   bool
 	methods      []string // nil: the default POST, PUT, PATCH
 	store        Store
-	tx           TxStore // store, when its requests run in its transactions
-	boundedStore bool    // calls can block: bound them by storeTimeout
+	tx           TxStore         // store, when its requests run in its transactions
+	txDeadline   *sharedDeadline // bounds tx's Begin and Commit by storeTimeout
+	boundedStore bool            // calls can block: bound them by storeTimeout
 	keyScope     func(*http.Request) string
 	failOpen     bool
 	retryAfter   time.Duration
@@ -250,6 +253,7 @@ func newSettings(cfg Config) *settings {
 			panic("idempotency: FailOpen cannot be used with a transactional store: there would be no transaction for the handler")
 		}
 		s.tx = ts
+		s.txDeadline = &sharedDeadline{timeout: s.storeTimeout}
 	}
 	if s.shouldStore == nil {
 		s.shouldStore = DefaultShouldStore

@@ -85,7 +85,7 @@ type StoreTx interface {
 // run, and commit or roll back.
 func (h *handler) serveTx(w http.ResponseWriter, r *http.Request, ts TxStore, skey, key string) {
 	s := h.s
-	ctx, cancel := s.storeContext(r.Context())
+	ctx, cancel := s.txDeadline.context(r.Context())
 	tx, rec, err := ts.Begin(ctx, skey)
 	cancel()
 	if errors.Is(err, ErrKeyBusy) && s.wait > 0 {
@@ -204,7 +204,7 @@ func (h *handler) runTx(w http.ResponseWriter, r *http.Request, tx StoreTx, skey
 		s.writeProblem(w, r, s.problem(ProblemNotCommitted, http.StatusInternalServerError,
 			"The response could not be stored; nothing was committed"))
 	default:
-		ctx, cancel := s.detachedContext(r.Context(), s.storeTimeout)
+		ctx, cancel := s.txDeadline.context(r.Context())
 		live, err := tx.Commit(ctx, f.record(status), s.ttl)
 		cancel()
 		switch {
@@ -253,7 +253,7 @@ func (s *settings) rollback(r *http.Request, tx StoreTx) {
 	if tx == nil {
 		return
 	}
-	ctx, cancel := s.detachedContext(r.Context(), s.storeTimeout)
+	ctx, cancel := s.txDeadline.context(r.Context())
 	defer cancel()
 	if err := tx.Rollback(ctx); err != nil {
 		s.observe(Event{Outcome: OutcomeStoreError, Request: r, Err: err, Detail: "rollback failed"})

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -38,6 +39,9 @@ type txFakeStore struct {
 	onBusyRollback func()
 	// commitHook, when set, decides a commit's outcome instead of the store.
 	commitHook func(tx *txFake) (*idempotency.Record, error)
+	// onCall, when set, sees the context of each Begin ("begin") and
+	// Commit ("commit"); an error it returns is the call's.
+	onCall func(op string, ctx context.Context) error
 }
 
 func newTxFakeStore() *txFakeStore {
@@ -50,6 +54,11 @@ func (s *txFakeStore) Begin(ctx context.Context, key string) (idempotency.StoreT
 	s.begins.Add(1)
 	if s.beginErr != nil {
 		return nil, nil, s.beginErr
+	}
+	if s.onCall != nil {
+		if err := s.onCall("begin", ctx); err != nil {
+			return nil, nil, err
+		}
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -101,7 +110,13 @@ func (tx *txFake) Aborted() bool {
 	return tx.aborted
 }
 
-func (tx *txFake) Commit(_ context.Context, rec *idempotency.Record, _ time.Duration) (*idempotency.Record, error) {
+func (tx *txFake) Commit(ctx context.Context, rec *idempotency.Record, _ time.Duration) (*idempotency.Record, error) {
+	if tx.s.onCall != nil {
+		if err := tx.s.onCall("commit", ctx); err != nil {
+			tx.end(nil, nil)
+			return nil, err
+		}
+	}
 	if tx.s.commitHook != nil {
 		live, err := tx.s.commitHook(tx)
 		if live != nil || err != nil {
@@ -335,6 +350,83 @@ func TestTxCommitFailures(t *testing.T) {
 		assert.Equal(t, "true", w.Header().Get(idempotency.ReplayedHeader))
 		assert.Empty(t, st.committedRows(), "this request's writes were rolled back")
 	})
+}
+
+// TestTxStoreCallsBoundedByStoreTimeout proves how Begin and Commit are
+// bounded on a transactional store: each call's context carries the
+// request's values and a deadline no later than StoreTimeout after the call
+// started (and no earlier than 15/16 of it: calls share deadlines), the
+// client hanging up does not cancel Commit, and a Begin or a Commit that
+// hangs is answered 503 once its deadline passed.
+func TestTxStoreCallsBoundedByStoreTimeout(t *testing.T) {
+	const timeout = 400 * time.Millisecond
+	type valueKey struct{}
+	withValue := func(h http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			h.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), valueKey{}, "request")))
+		})
+	}
+
+	t.Run("context", func(t *testing.T) {
+		st := newTxFakeStore()
+		seen := map[string]bool{}
+		st.onCall = func(op string, ctx context.Context) error {
+			seen[op] = true
+			end, ok := ctx.Deadline()
+			left := time.Until(end)
+			assert.True(t, ok, op)
+			assert.True(t, left <= timeout && left > timeout-timeout/16-50*time.Millisecond, "%s: %v left", op, left)
+			assert.Equal(t, "request", ctx.Value(valueKey{}), op)
+			assert.NoError(t, ctx.Err(), op)
+			return nil
+		}
+		var cancelRequest context.CancelFunc
+		handler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			cancelRequest() // the client hangs up
+			w.WriteHeader(http.StatusCreated)
+		})
+		h := withValue(idempotency.New(idempotency.Config{Store: st, StoreTimeout: timeout})(handler))
+		ctx, cancel := context.WithCancel(context.Background())
+		cancelRequest = cancel
+		r := httptest.NewRequestWithContext(ctx, http.MethodPost, "/orders", strings.NewReader("{}"))
+		r.Header.Set("Idempotency-Key", "k")
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, r)
+		assert.Equal(t, http.StatusCreated, w.Code)
+		assert.Equal(t, map[string]bool{"begin": true, "commit": true}, seen)
+	})
+
+	hang := func(op string) func(string, context.Context) error {
+		return func(call string, ctx context.Context) error {
+			if call != op {
+				return nil
+			}
+			<-ctx.Done()
+			if !errors.Is(ctx.Err(), context.DeadlineExceeded) {
+				return fmt.Errorf("%s ended with %v, want the deadline", op, ctx.Err())
+			}
+			return fmt.Errorf("%w: %s: %w", idempotency.ErrNotCommitted, op, ctx.Err())
+		}
+	}
+	for _, c := range []struct{ op, problem string }{
+		{"begin", idempotency.ProblemStoreUnavailable},
+		{"commit", idempotency.ProblemNotCommitted},
+	} {
+		t.Run(c.op+" hangs", func(t *testing.T) {
+			st := newTxFakeStore()
+			st.onCall = hang(c.op)
+			var runs atomic.Int64
+			h := idempotency.New(idempotency.Config{Store: st, StoreTimeout: timeout})(txOrders(&runs))
+			start := time.Now()
+			w := txDo(h, "k", "x")
+			took := time.Since(start)
+			assert.Equal(t, http.StatusServiceUnavailable, w.Code)
+			assert.Equal(t, c.problem, txProblemType(t, w))
+			assert.GreaterOrEqual(t, took, timeout-timeout/16-50*time.Millisecond)
+			assert.Less(t, took, 10*timeout, "the call was bounded")
+			assert.Empty(t, st.committedRows())
+		})
+	}
 }
 
 func TestTxResponseIsHeldUntilCommit(t *testing.T) {
