@@ -164,7 +164,7 @@ type settings struct {
 	methods      []string // nil: the default POST, PUT, PATCH
 	store        Store
 	tx           TxStore         // store, when its requests run in its transactions
-	txDeadline   *sharedDeadline // bounds tx's Begin and Commit by storeTimeout
+	txDeadline   *sharedDeadline // bounds tx's calls by storeTimeout
 	boundedStore bool            // calls can block: bound them by storeTimeout
 	keyScope     func(*http.Request) string
 	failOpen     bool

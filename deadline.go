@@ -6,14 +6,14 @@ import (
 	"time"
 )
 
-// sharedDeadline bounds the store calls of the one-transaction mode (Begin
-// and Commit) by StoreTimeout without a runtime timer for each call: the
-// calls that start within the same sixteenth of the timeout share one
-// context that ends at its deadline, and each call gets at least 15/16 of
-// the timeout and never more. A timer per call costs more than its own
-// work: setting one while the Go scheduler is idle wakes a second thread,
-// which on a small machine competes with the database for the cores
-// (docs/postgres.md has the measurement).
+// sharedDeadline bounds the store calls of the one-transaction mode
+// (Begin, Commit and Rollback) by StoreTimeout without a runtime timer for
+// each call: the calls that start within the same sixteenth of the timeout
+// share one context that ends at its deadline, and each call gets at least
+// 15/16 of the timeout and never more. A timer per call costs more than
+// its own work: setting one while the Go scheduler is idle wakes a second
+// thread, which on a small machine competes with the database for the
+// cores (docs/postgres.md has the measurement).
 type sharedDeadline struct {
 	timeout time.Duration
 

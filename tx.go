@@ -85,7 +85,7 @@ type StoreTx interface {
 // run, and commit or roll back.
 func (h *handler) serveTx(w http.ResponseWriter, r *http.Request, ts TxStore, skey, key string) {
 	s := h.s
-	ctx, cancel := s.txDeadline.context(r.Context())
+	ctx, cancel := s.beginContext(r.Context())
 	tx, rec, err := ts.Begin(ctx, skey)
 	cancel()
 	if errors.Is(err, ErrKeyBusy) && s.wait > 0 {
@@ -109,6 +109,19 @@ func (h *handler) serveTx(w http.ResponseWriter, r *http.Request, ts TxStore, sk
 		s.replay(w, r, skey, rec)
 	default:
 		h.runTx(w, r, tx, skey, key)
+	}
+}
+
+// beginContext returns the context of a Begin: bounded by StoreTimeout
+// (the shared deadline of deadline.go), and cancelled when the client
+// hangs up, so that a request whose client left while it waited for a
+// connection gives its place up rather than running for nobody.
+func (s *settings) beginContext(request context.Context) (context.Context, context.CancelFunc) {
+	ctx, cancel := s.txDeadline.context(request)
+	stop := context.AfterFunc(request, cancel)
+	return ctx, func() {
+		stop()
+		cancel()
 	}
 }
 
@@ -143,7 +156,7 @@ func (s *settings) awaitTx(r *http.Request, ts TxStore, skey string) (StoreTx, *
 			return nil, nil, ErrKeyBusy
 		}
 		poll = min(2*poll, waitMaxPoll)
-		cctx, cancel := s.storeContext(ctx)
+		cctx, cancel := s.beginContext(ctx)
 		tx, rec, err := ts.Begin(cctx, skey)
 		cancel()
 		if !errors.Is(err, ErrKeyBusy) {

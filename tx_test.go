@@ -356,8 +356,8 @@ func TestTxCommitFailures(t *testing.T) {
 // bounded on a transactional store: each call's context carries the
 // request's values and a deadline no later than StoreTimeout after the call
 // started (and no earlier than 15/16 of it: calls share deadlines), the
-// client hanging up does not cancel Commit, and a Begin or a Commit that
-// hangs is answered 503 once its deadline passed.
+// client hanging up cancels Begin but not Commit, and a Begin or a Commit
+// that hangs is answered 503 once its deadline passed.
 func TestTxStoreCallsBoundedByStoreTimeout(t *testing.T) {
 	const timeout = 400 * time.Millisecond
 	type valueKey struct{}
@@ -394,6 +394,42 @@ func TestTxStoreCallsBoundedByStoreTimeout(t *testing.T) {
 		h.ServeHTTP(w, r)
 		assert.Equal(t, http.StatusCreated, w.Code)
 		assert.Equal(t, map[string]bool{"begin": true, "commit": true}, seen)
+	})
+
+	t.Run("client gone during begin", func(t *testing.T) {
+		st := newTxFakeStore()
+		entered := make(chan struct{})
+		var beginErr error
+		st.onCall = func(op string, ctx context.Context) error {
+			if op == "begin" {
+				close(entered)
+				<-ctx.Done()
+				beginErr = ctx.Err()
+				return beginErr
+			}
+			return nil
+		}
+		var runs atomic.Int64
+		h := idempotency.New(idempotency.Config{Store: st, StoreTimeout: time.Minute})(txOrders(&runs))
+		ctx, cancel := context.WithCancel(context.Background())
+		r := httptest.NewRequestWithContext(ctx, http.MethodPost, "/orders", strings.NewReader("{}"))
+		r.Header.Set("Idempotency-Key", "k")
+		go func() {
+			<-entered
+			cancel()
+		}()
+		done := make(chan struct{})
+		go func() {
+			h.ServeHTTP(httptest.NewRecorder(), r)
+			close(done)
+		}()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			t.Fatal("Begin went on after the client hung up")
+		}
+		assert.ErrorIs(t, beginErr, context.Canceled)
+		assert.Zero(t, runs.Load(), "the handler did not run for a client that left")
 	})
 
 	hang := func(op string) func(string, context.Context) error {
